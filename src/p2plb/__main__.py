@@ -1,0 +1,3 @@
+from p2plb.cli import main
+
+main()

@@ -1,0 +1,300 @@
+"""The ``p2plb`` command: parses arguments and calls into the package.
+
+Server flags are generated from the settings declared in ``p2plb.config``, so a
+flag, its environment variable and its TOML key can never drift apart.  Every
+failure a user can cause ends in one line on standard error and a non-zero exit
+code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from p2plb import __version__
+from p2plb.admin import Answer, get_status, get_strategy, set_strategy
+from p2plb.config import (
+    BALANCER_SETTINGS,
+    INDEXER_SETTINGS,
+    BalancerConfig,
+    IndexerConfig,
+    Setting,
+    build_config,
+    env_name,
+    read_config_file,
+)
+from p2plb.errors import ConfigError, P2PLBError, RequestError
+from p2plb.logs import configure
+from p2plb.wire import check_address
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"p2plb: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _default_text(setting: Setting) -> str:
+    default = setting.default
+    if default is None or default == ():
+        return ""
+    if isinstance(default, float):
+        return f" [default: {default:g}s]"
+    if isinstance(default, bool):
+        return " [default: off]" if not default else " [default: on]"
+    return f" [default: {default}]"
+
+
+def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
+    """One flag per setting, with its environment variable, in declared order."""
+
+    def decorate(func: F) -> F:
+        for setting in reversed(settings):
+            help_text = setting.help + _default_text(setting)
+            if setting.parse.__name__ == "_parse_bool":
+                func = click.option(
+                    setting.flag,
+                    setting.name,
+                    is_flag=True,
+                    default=None,
+                    envvar=env_name(setting),
+                    show_envvar=True,
+                    help=help_text,
+                )(func)
+                continue
+            func = click.option(
+                setting.flag,
+                setting.name,
+                multiple=setting.many,
+                default=None,
+                envvar=env_name(setting),
+                show_envvar=True,
+                metavar="URL" if setting.many else "VALUE",
+                help=help_text,
+            )(func)
+        func = click.option(
+            "--print-config",
+            is_flag=True,
+            help="Print the resolved settings as JSON (tokens hidden) and exit.",
+        )(func)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            envvar="P2PLB_CONFIG",
+            show_envvar=True,
+            help="TOML file with settings (keys named like the flags).",
+        )(func)
+
+    return decorate
+
+
+def _load(kind: str, values: dict[str, Any]) -> IndexerConfig | BalancerConfig:
+    config_file = values.pop("config_file", None)
+    print_config = values.pop("print_config", False)
+    try:
+        from_file = read_config_file(config_file, kind) if config_file else {}
+        config = build_config(kind, values, from_file)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if print_config:
+        shown = dataclasses.asdict(config)
+        for key in ("cluster_token", "admin_token"):
+            if shown.get(key):
+                shown[key] = "<hidden>"
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
+        sys.exit(0)
+    return config
+
+
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a server coroutine on uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        _run(main)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except P2PLBError as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:  # pragma: no cover - signals are handled in run_server
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="p2plb")
+def cli() -> None:
+    """p2plb: a load balancer for peer-to-peer indexing systems.
+
+    Run `p2plb COMMAND --help` for the flags of a command.  Every server flag can
+    also be given as an environment variable (P2PLB_ and the flag's name in
+    capitals) or as a key in a TOML file given with --config.
+    """
+
+
+@cli.command()
+@_server_options(INDEXER_SETTINGS)
+def indexer(**values: Any) -> None:
+    """Run an indexer: serves the index API over its SQLite replica.
+
+    It answers on --host/--port, gives others --advertise-url, and (with
+    --balancer) registers with each balancer and reports its load.
+
+    Example: p2plb indexer --id i1 --port 7401 --data-dir ./data/i1
+    """
+    config = _load("indexer", values)
+    assert isinstance(config, IndexerConfig)
+    configure(config.log_level)
+
+    from p2plb.indexer import run_indexer
+
+    _serve(run_indexer(config))
+
+
+@cli.command()
+@_server_options(BALANCER_SETTINGS)
+def balancer(**values: Any) -> None:
+    """Run a balancer: registry of indexers, routing, statistics and a proxy.
+
+    Indexers register with it (p2plb indexer --balancer URL); clients route
+    through its routing table, ask it with /v1/route, or use it as a proxy.
+
+    Example: p2plb balancer --port 7400 --state-file ./balancer-state.json
+    """
+    config = _load("balancer", values)
+    assert isinstance(config, BalancerConfig)
+    configure(config.log_level)
+
+    from p2plb.balancer import run_balancer
+
+    _serve(run_balancer(config))
+
+
+DEFAULT_BALANCER = "http://127.0.0.1:7400"
+
+
+def _balancer_urls(given: Sequence[str]) -> list[str]:
+    """--balancer (repeatable), else P2PLB_BALANCERS, else the local default."""
+    raw: object = list(given) or os.environ.get("P2PLB_BALANCERS") or [DEFAULT_BALANCER]
+    try:
+        urls = [check_address(u, field="balancer") for u in _split_list(raw)]
+    except RequestError as exc:
+        _fail("--balancer: " + exc.message.split(": ", 1)[-1])
+    if not urls:
+        _fail("--balancer: give at least one balancer URL")
+    return urls
+
+
+def _split_list(raw: object) -> list[str]:
+    items = raw if isinstance(raw, list) else [raw]
+    return [p for item in items for p in str(item).replace(",", " ").split()]
+
+
+def _balancer_option(func: F) -> F:
+    func = click.option(
+        "--admin-token",
+        envvar="P2PLB_ADMIN_TOKEN",
+        show_envvar=True,
+        default=None,
+        help="Token for changes that need admin rights.",
+    )(func)
+    func = click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON instead of a table."
+    )(func)
+    return click.option(
+        "--balancer",
+        "balancers",
+        multiple=True,
+        metavar="URL",
+        help=f"Balancer to ask; repeat for several (env P2PLB_BALANCERS; "
+        f"default {DEFAULT_BALANCER}).",
+    )(func)
+
+
+def _errors(answers: Sequence[Answer]) -> bool:
+    failed = False
+    for answer in answers:
+        if answer.error is not None:
+            click.echo(f"p2plb: error: {answer.error}", err=True)
+            failed = True
+    return failed
+
+
+@cli.command()
+@_balancer_option
+def status(balancers: tuple[str, ...], as_json: bool, admin_token: str | None) -> None:
+    """Show each balancer's view of its indexers, as a table (--json for machines)."""
+    urls = _balancer_urls(balancers)
+    answers = _run(get_status(urls, admin_token))
+    if as_json:
+        shown = [
+            {"balancer": a.balancer, "status": a.body}
+            if a.error is None
+            else {"balancer": a.balancer, "error": str(a.error)}
+            for a in answers
+        ]
+        click.echo(json.dumps(shown, indent=2))
+    else:
+        from p2plb.display import print_status
+
+        for answer in answers:
+            if answer.body is not None:
+                print_status(answer.balancer, answer.body)
+    if _errors(answers):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_balancer_option
+def strategy(
+    name: str | None, balancers: tuple[str, ...], as_json: bool, admin_token: str | None
+) -> None:
+    """Show the active strategy, or set it to NAME on every balancer given.
+
+    NAME is one of least_load, round_robin, random, p2c.
+    """
+    urls = _balancer_urls(balancers)
+    if name is None:
+        answers = _run(get_strategy(urls, admin_token))
+    else:
+        answers = _run(set_strategy(urls, name, admin_token))
+
+    seen = {a.balancer: a.body.get("strategy") for a in answers if a.body is not None}
+    if as_json:
+        click.echo(json.dumps({"strategies": seen}, indent=2))
+    else:
+        for balancer_url, active in seen.items():
+            click.echo(f"{balancer_url}  {active}")
+    failed = _errors(answers)
+    if len(set(seen.values())) > 1:
+        click.echo(
+            "p2plb: warning: balancers disagree on the strategy: "
+            + ", ".join(f"{b}={s}" for b, s in seen.items()),
+            err=True,
+        )
+    if failed:
+        sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="p2plb")

@@ -1,0 +1,309 @@
+"""The indexer server: the v1 index API over the local SQLite replica.
+
+Rules of this module:
+
+* Index requests pass through the ``Limiter`` (capacity, short queue, then
+  ``503 overloaded``); ``/healthz`` and ``/v1/load`` never do, so a busy indexer
+  still answers its balancer.
+* Every response, errors included, carries ``P2PLB-Load: <load>/<capacity>`` so
+  whoever called learns the load at no cost (design.md "Load").
+* Input is validated completely before storage is touched: a rejected request
+  changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+from aiohttp import web
+
+from p2plb.config import IndexerConfig
+from p2plb.errors import ConfigError, RequestError, StorageError
+from p2plb.hlc import format_version
+from p2plb.limiter import Limiter
+from p2plb.reporter import Reporter
+from p2plb.storage import Storage
+from p2plb.web import (
+    error_middleware,
+    error_response,
+    json_response,
+    read_body,
+    reject_unknown_query,
+)
+from p2plb.wire import PROTOCOL, ItemsBody, check_item, check_name, decode_body
+
+__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Indexer", "LOAD_HEADER"]
+
+logger = logging.getLogger(__name__)
+
+LOAD_HEADER = "P2PLB-Load"
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10_000
+
+_GET_QUERY = frozenset({"limit", "after"})
+_DELETE_QUERY = frozenset({"item"})
+_NO_QUERY: frozenset[str] = frozenset()
+
+STORAGE_KEY = web.AppKey("storage", Storage)
+
+
+class Indexer:
+    """One indexer: its storage, its admission control and its HTTP handlers."""
+
+    def __init__(self, config: IndexerConfig, storage: Storage) -> None:
+        self.config = config
+        self.storage = storage
+        self.limiter = Limiter(config.capacity, config.queue_limit)
+        self.state = "serving"
+        self.served = 0
+        self.url = config.advertise_url or ""
+
+    @property
+    def load(self) -> int:
+        return self.limiter.load
+
+    def load_report(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "id": self.config.id,
+            "load": self.limiter.load,
+            "capacity": self.config.capacity,
+            "serving": self.limiter.serving,
+            "queued": self.limiter.waiting,
+            "state": self.state,
+            "served": self.served,
+        }
+
+    def make_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[error_middleware],
+            client_max_size=self.config.max_body_size,
+        )
+        app[STORAGE_KEY] = self.storage
+        app.on_response_prepare.append(self._add_load_header)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/load", self.get_load)
+        app.router.add_get("/v1/indices", self._limited(self.list_indices))
+        app.router.add_get("/v1/indices/{name}", self._limited(self.get_index))
+        app.router.add_post("/v1/indices/{name}/items", self._limited(self.add_items))
+        app.router.add_post(
+            "/v1/indices/{name}/items/remove", self._limited(self.remove_items)
+        )
+        app.router.add_delete(
+            "/v1/indices/{name}/items", self._limited(self.delete_item)
+        )
+        return app
+
+    async def _add_load_header(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        response.headers[LOAD_HEADER] = f"{self.limiter.load}/{self.config.capacity}"
+
+    def _limited(self, handler: Any) -> Any:
+        async def limited(request: web.Request) -> web.StreamResponse:
+            async with self.limiter.slot():
+                response: web.StreamResponse = await handler(request)
+            self.served += 1
+            return response
+
+        return limited
+
+    # -- health and load: never behind the limiter ---------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        try:
+            await self.storage.check()
+        except StorageError as exc:
+            logger.error(
+                "indexer.storage_unhealthy id=%s error=%s", self.config.id, exc
+            )
+            return error_response(503, "storage_unavailable", str(exc))
+        return json_response(
+            {"status": "ok", "id": self.config.id, "state": self.state}
+        )
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        return json_response(self.load_report())
+
+    # -- the index API ---------------------------------------------------------------
+
+    async def add_items(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        name = check_name(request.match_info["name"])
+        body = decode_body(
+            await read_body(request, self.config.max_body_size), ItemsBody
+        )
+        items = body.values()
+
+        result = await self.storage.add(name, items)
+
+        logger.debug(
+            "index.added name=%s items=%d new=%d", name, len(items), result.changed
+        )
+        return json_response(
+            {"added": result.changed, "version": format_version(result.version)}
+        )
+
+    async def remove_items(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        name = check_name(request.match_info["name"])
+        body = decode_body(
+            await read_body(request, self.config.max_body_size), ItemsBody
+        )
+        return await self._remove(name, body.values())
+
+    async def delete_item(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _DELETE_QUERY)
+        name = check_name(request.match_info["name"])
+        if "item" not in request.query:
+            raise RequestError(
+                400, "invalid_field", "item: query parameter is required"
+            )
+        return await self._remove(name, [check_item(request.query["item"])])
+
+    async def _remove(self, name: str, items: list[str]) -> web.Response:
+        result = await self.storage.remove(name, items)
+        logger.debug(
+            "index.removed name=%s items=%d gone=%d", name, len(items), result.changed
+        )
+        return json_response(
+            {"removed": result.changed, "version": format_version(result.version)}
+        )
+
+    async def get_index(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _GET_QUERY)
+        name = check_name(request.match_info["name"])
+        limit = _page_limit(request.query.get("limit"))
+        after = request.query.get("after")
+        if after is not None:
+            check_item(after, field="after")
+
+        page = await self.storage.get(name, limit=limit, after=after)
+
+        if page is None:
+            raise RequestError(
+                404, "index_not_found", f"name: index {name!r} has no items"
+            )
+        return json_response({"name": name, "items": page.items, "next": page.next})
+
+    async def list_indices(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        return json_response({"indices": await self.storage.list_indices()})
+
+
+def _page_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE or not raw.strip().isdigit():
+        raise RequestError(
+            400,
+            "invalid_field",
+            f"limit: must be a whole number from 1 to {MAX_PAGE}, got {raw!r}",
+        )
+    return limit
+
+
+def advertise_url(config: IndexerConfig, bound_url: str, wildcard: bool) -> str:
+    """The address others use: ``--advertise-url``, else the bound host and port."""
+    if config.advertise_url:
+        return config.advertise_url
+    if wildcard:
+        raise ConfigError(
+            "--advertise-url: required when --host is a wildcard address "
+            f"({config.host}), since peers cannot connect to it"
+        )
+    return bound_url
+
+
+def _lock_data_dir(data_dir: str) -> IO[str]:
+    """Hold an exclusive lock on the data directory for the life of the process.
+
+    Two indexers on one database would fight over SQLite's write lock and time
+    out; refusing the second at start says what is wrong instead.
+    """
+    path = Path(data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / "LOCK", "a+")  # noqa: SIM115 - held until shutdown
+    except OSError as exc:
+        raise ConfigError(f"--data-dir: cannot use {data_dir}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"--data-dir: {data_dir} is in use by another running indexer"
+        ) from None
+    return handle
+
+
+async def run_indexer(config: IndexerConfig) -> None:
+    """Open storage, serve until a signal, then drain and close (design.md)."""
+    from p2plb.lifecycle import bind, is_wildcard, run_server
+
+    listener = bind(config.host, config.port)
+    url = advertise_url(config, listener.url, is_wildcard(config.host))
+    lock = _lock_data_dir(config.data_dir)
+    storage = Storage(f"{config.data_dir}/index.sqlite3", config.id)
+    try:
+        await storage.open()
+    except BaseException:
+        listener.sock.close()
+        lock.close()
+        raise
+    indexer = Indexer(config, storage)
+    indexer.url = url
+    reporter = Reporter(
+        indexer_id=config.id,
+        address=url,
+        capacity=config.capacity,
+        instance=uuid.uuid4().hex,
+        balancers=config.balancer,
+        interval=config.report_interval,
+        load_report=indexer.load_report,
+        token=config.cluster_token,
+    )
+
+    async def started() -> None:
+        logger.info(
+            "indexer.started id=%s url=%s listen=%s capacity=%d data_dir=%s",
+            config.id,
+            url,
+            listener.url,
+            config.capacity,
+            config.data_dir,
+        )
+        await reporter.start()
+
+    async def draining() -> None:
+        # Leave the balancers first, then keep serving while routed clients
+        # refresh their tables and stop sending here.
+        if not config.balancer:
+            return
+        await reporter.unregister()
+        logger.info("indexer.draining id=%s for_s=%.1f", config.id, config.drain_period)
+        await asyncio.sleep(config.drain_period)
+
+    async def closed() -> None:
+        await reporter.stop()
+        await storage.close()
+        lock.close()
+        logger.info("indexer.stopped id=%s served=%d", config.id, indexer.served)
+
+    await run_server(
+        indexer.make_app(),
+        listener,
+        shutdown_timeout=config.shutdown_timeout,
+        on_started=started,
+        before_stop=draining,
+        after_stop=closed,
+    )

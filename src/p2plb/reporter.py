@@ -1,0 +1,223 @@
+"""The indexer's side of membership: register with each balancer, report load.
+
+Each balancer gets its own loop, so a dead balancer never delays reports to the
+others (balancers share nothing, design.md "Processes").  A loop:
+
+1. registers (``POST /v1/indexers``) until a balancer accepts, backing off with
+   jitter while it is unreachable;
+2. reports load and state every ``report_interval`` (``PUT .../load``), with a
+   little jitter so a fleet started together does not report in lockstep;
+3. registers again when a report gets ``404`` (the balancer restarted without
+   state, or forgot us);
+4. stops, and says so at ERROR, on ``409 superseded``: another process took our
+   id at a new address, and two indexers must not claim one id.
+
+On shutdown, ``unregister`` removes the indexer from every balancer, so routed
+clients see it leave before its connections start being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from p2plb.wire import PROTOCOL, encode
+
+__all__ = ["Reporter"]
+
+logger = logging.getLogger(__name__)
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        indexer_id: str,
+        address: str,
+        capacity: int,
+        instance: str,
+        balancers: tuple[str, ...],
+        interval: float,
+        load_report: Callable[[], dict[str, Any]],
+        on_peers: Callable[[list[dict[str, Any]]], None] | None = None,
+        token: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.indexer_id = indexer_id
+        self.address = address
+        self.capacity = capacity
+        self.instance = instance
+        self.balancers = balancers
+        self.interval = interval
+        self.load_report = load_report
+        self.on_peers = on_peers
+        self.superseded = False
+        self._headers = dict(_JSON)
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._rng = rng or random.Random()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._registered: set[str] = set()
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(2.0, min(self.interval, 5.0)))
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        for balancer in self.balancers:
+            self._tasks.append(asyncio.create_task(self._run(balancer)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def unregister(self) -> None:
+        """Leave every balancer (best effort, a few seconds at most)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is None or self.superseded:
+            return
+        await asyncio.gather(*(self._leave(b) for b in self.balancers))
+
+    async def _leave(self, balancer: str) -> None:
+        assert self._session is not None
+        url = f"{balancer}/v1/indexers/{self.indexer_id}"
+        try:
+            async with self._session.delete(
+                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=2)
+            ) as response:
+                logger.info(
+                    "reporter.unregistered balancer=%s status=%d",
+                    balancer,
+                    response.status,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning(
+                "reporter.unregister_failed balancer=%s error=%s", balancer, _why(exc)
+            )
+
+    # -- one loop per balancer -------------------------------------------------------
+
+    async def _run(self, balancer: str) -> None:
+        backoff = 0.2
+        reachable = True
+        while True:
+            try:
+                if balancer not in self._registered:
+                    await self._register(balancer)
+                    backoff = 0.2
+                done = await self._report(balancer)
+                if done:
+                    return
+                if not reachable:
+                    logger.info("reporter.balancer_back balancer=%s", balancer)
+                reachable = True
+                await asyncio.sleep(self.interval * self._rng.uniform(0.9, 1.0))
+            except (aiohttp.ClientError, TimeoutError, _Rejected) as exc:
+                if reachable:
+                    logger.warning(
+                        "reporter.balancer_unreachable balancer=%s error=%s",
+                        balancer,
+                        _why(exc),
+                    )
+                reachable = False
+                # Retry registration soon (a restarted balancer should see us
+                # within a second or two), but never faster than the interval
+                # once it has been down for a while.
+                await asyncio.sleep(
+                    min(backoff, self.interval) * self._rng.uniform(0.5, 1)
+                )
+                backoff = min(backoff * 2, self.interval)
+
+    async def _register(self, balancer: str) -> None:
+        assert self._session is not None
+        body = {
+            "protocol": PROTOCOL,
+            "id": self.indexer_id,
+            "address": self.address,
+            "capacity": self.capacity,
+            "instance": self.instance,
+        }
+        async with self._session.post(
+            f"{balancer}/v1/indexers", data=encode(body), headers=self._headers
+        ) as response:
+            answer = await _json(response)
+            if response.status not in (200, 201):
+                raise _Rejected(f"registration answered {response.status}: {answer}")
+        self._registered.add(balancer)
+        logger.info(
+            "reporter.registered balancer=%s id=%s address=%s new=%s",
+            balancer,
+            self.indexer_id,
+            self.address,
+            response.status == 201,
+        )
+        self._peers(answer)
+
+    async def _report(self, balancer: str) -> bool:
+        """One load report; True when this loop must end (superseded)."""
+        assert self._session is not None
+        body = self.load_report() | {
+            "protocol": PROTOCOL,
+            "address": self.address,
+            "instance": self.instance,
+        }
+        url = f"{balancer}/v1/indexers/{self.indexer_id}/load"
+        async with self._session.put(
+            url, data=encode(body), headers=self._headers
+        ) as r:
+            answer = await _json(r)
+            status = r.status
+        if status == 200:
+            self._peers(answer)
+            return False
+        if status == 404:
+            logger.info("reporter.unknown_to_balancer balancer=%s", balancer)
+            self._registered.discard(balancer)
+            raise _Rejected("balancer forgot this indexer; registering again")
+        if status == 409:
+            self.superseded = True
+            logger.error(
+                "reporter.superseded balancer=%s id=%s address=%s: another indexer "
+                "registered with this id at a new address; this one stops reporting",
+                balancer,
+                self.indexer_id,
+                self.address,
+            )
+            return True
+        raise _Rejected(f"load report answered {status}: {answer}")
+
+    def _peers(self, answer: Any) -> None:
+        if self.on_peers is None or not isinstance(answer, dict):
+            return
+        peers = answer.get("peers")
+        if isinstance(peers, list):
+            self.on_peers([p for p in peers if isinstance(p, dict)])
+
+
+class _Rejected(Exception):
+    """A balancer answered, but not with what the protocol expects."""
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

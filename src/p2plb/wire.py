@@ -1,0 +1,282 @@
+"""What travels over HTTP: request bodies, their validation, and shared checks.
+
+Rules of this module:
+
+* Public request bodies (the index API, strategy changes) reject unknown fields;
+  messages between p2plb nodes ignore them and carry ``"protocol": 1``, so a newer
+  node can add fields without breaking an older one.
+* Every rejection is a ``RequestError`` with the code of design.md and a message
+  that starts with the name of the field at fault, so a caller can act on it.
+* Names, items, ids and addresses are checked here and only here; servers, the
+  client and the config all call these functions.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from p2plb.errors import RequestError
+
+__all__ = [
+    "MAX_ITEM_BYTES",
+    "MAX_NAME_CHARS",
+    "PROTOCOL",
+    "ItemsBody",
+    "check_address",
+    "check_indexer_id",
+    "check_item",
+    "check_items",
+    "check_name",
+    "decode_body",
+    "encode",
+    "invalid",
+]
+
+PROTOCOL = 1
+MAX_NAME_CHARS = 256
+MAX_ITEM_BYTES = 4096
+# A batch is bounded by the body size limit too; this keeps one request's work
+# (and the transaction it becomes) small enough to not stall other writers.
+MAX_BATCH_ITEMS = 10_000
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+
+
+def invalid(field: str, reason: str) -> RequestError:
+    return RequestError(400, "invalid_field", f"{field}: {reason}")
+
+
+class ItemsBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Body of add and remove: one ``item`` or a batch of ``items``."""
+
+    item: str | msgspec.UnsetType = msgspec.UNSET
+    items: list[str] | msgspec.UnsetType = msgspec.UNSET
+
+    def values(self) -> list[str]:
+        if isinstance(self.item, str) == isinstance(self.items, list):
+            raise invalid("item", 'give exactly one of "item" or "items"')
+        if isinstance(self.item, str):
+            return [check_item(self.item, field="item")]
+        assert isinstance(self.items, list)
+        return check_items(self.items)
+
+
+_FIELD_PATH = re.compile(r"- at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body into ``kind``, turning every failure into a 400."""
+    if not body.strip():
+        raise RequestError(
+            400, "invalid_json", "body: expected a JSON object, got nothing"
+        )
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        reason = str(exc)
+        if _SURROGATE_ESCAPE.search(body):
+            # msgspec calls a lone surrogate escape "truncated"; say what it is.
+            reason = "it holds a \\u escape of a lone surrogate, which is not UTF-8"
+        raise RequestError(
+            400, "invalid_json", f"body: not valid JSON ({reason})"
+        ) from None
+
+
+def _validation_error(text: str) -> RequestError:
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        name = unknown.group(1)
+        return RequestError(400, "unknown_field", f"{name}: unknown field")
+    missing = _MISSING.search(text)
+    if missing:
+        return invalid(missing.group(1), "required field is missing")
+    path = _FIELD_PATH.search(text)
+    field = path.group(1) if path and path.group(1) else "body"
+    field = re.sub(r"\[\d+\]$", "", field) or "body"
+    reason = text.split(" - at ")[0]
+    if field == "body" and "Expected `object`" in reason:
+        return RequestError(
+            400, "invalid_json", f"body: expected a JSON object ({reason})"
+        )
+    return invalid(field, reason[0].lower() + reason[1:])
+
+
+def _check_utf8(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(
+            field, "must be valid UTF-8 (it holds a lone surrogate)"
+        ) from None
+
+
+def check_name(name: str, *, field: str = "name") -> str:
+    """An index name: 1 to 256 characters, no control characters, no ``/``."""
+    if not name:
+        raise invalid(field, "must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise invalid(
+            field, f"must be at most {MAX_NAME_CHARS} characters, got {len(name)}"
+        )
+    _check_utf8(name, field)
+    if "/" in name:
+        raise invalid(field, "must not contain '/'")
+    for char in name:
+        if unicodedata.category(char) == "Cc":
+            raise invalid(
+                field, f"must not contain control characters (found {char!r})"
+            )
+    return name
+
+
+def check_item(item: str, *, field: str = "item") -> str:
+    """An item: 1 to 4096 bytes of UTF-8, without NUL."""
+    if not item:
+        raise invalid(field, "must not be empty")
+    _check_utf8(item, field)
+    size = len(item.encode("utf-8"))
+    if size > MAX_ITEM_BYTES:
+        raise invalid(
+            field, f"must be at most {MAX_ITEM_BYTES} bytes of UTF-8, got {size}"
+        )
+    if "\x00" in item:
+        raise invalid(field, "must not contain NUL characters")
+    return item
+
+
+def check_items(items: list[str]) -> list[str]:
+    if not items:
+        raise invalid("items", "must hold at least one item")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise invalid(
+            "items", f"must hold at most {MAX_BATCH_ITEMS} items, got {len(items)}"
+        )
+    for item in items:
+        check_item(item, field="items")
+    return items
+
+
+def check_indexer_id(value: Any, *, field: str = "id") -> str:
+    """An indexer id: 1 to 128 of letters, digits, ``.``, ``_``, ``:``, ``-``."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise invalid(
+            field,
+            f"must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got {value!r}",
+        )
+    return value
+
+
+def check_address(value: Any, *, field: str = "address") -> str:
+    """``http(s)://host:port``, IPv6 in brackets; returns it normalised.
+
+    Normalised means lower-case scheme and host, no trailing slash, so the same
+    indexer given twice compares equal.
+    """
+    if not isinstance(value, str):
+        raise invalid(field, f"must be a string like http://host:port, got {value!r}")
+    expected = f"must be http://host:port or https://host:port, got {value!r}"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise invalid(field, f"{expected} ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise invalid(field, expected)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise invalid(field, f"{expected}: no path, query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise invalid(field, f"{expected}: no user or password")
+    if port is None:
+        raise invalid(field, f"{expected}: the port is required")
+    if not 1 <= port <= 65535:
+        raise invalid(field, f"{expected}: port must be 1-65535")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme.lower()}://{host}:{port}"
+
+
+# -- messages between p2plb nodes: unknown fields ignored, "protocol" carried ------
+
+
+class RegisterBody(msgspec.Struct):
+    """``POST /v1/indexers``: an indexer joins (or rejoins) a balancer."""
+
+    id: str
+    address: str
+    capacity: int
+    zone: str | None = None
+    instance: str | None = None
+    protocol: int = PROTOCOL
+
+    def check(self) -> RegisterBody:
+        check_indexer_id(self.id)
+        self.address = check_address(self.address)
+        check_capacity(self.capacity)
+        if self.zone is not None and not 1 <= len(self.zone) <= 64:
+            raise invalid("zone", "must be 1 to 64 characters")
+        if self.instance is not None and not 1 <= len(self.instance) <= 128:
+            raise invalid("instance", "must be 1 to 128 characters")
+        return self
+
+
+class LoadBody(msgspec.Struct):
+    """``PUT /v1/indexers/{id}/load``: the periodic load report (heartbeat)."""
+
+    load: int
+    state: str = "serving"
+    served: int | None = None
+    capacity: int | None = None
+    address: str | None = None
+    instance: str | None = None
+    protocol: int = PROTOCOL
+
+    def check(self) -> LoadBody:
+        if self.load < 0:
+            raise invalid("load", f"must be an integer >= 0, got {self.load}")
+        if self.state not in ("serving", "syncing"):
+            raise invalid(
+                "state", f'must be "serving" or "syncing", got {self.state!r}'
+            )
+        if self.served is not None and self.served < 0:
+            raise invalid("served", f"must be an integer >= 0, got {self.served}")
+        if self.capacity is not None:
+            check_capacity(self.capacity)
+        if self.address is not None:
+            self.address = check_address(self.address)
+        return self
+
+
+MAX_CAPACITY = 1_000_000
+
+
+def check_capacity(value: int) -> int:
+    if not 1 <= value <= MAX_CAPACITY:
+        raise invalid(
+            "capacity", f"must be an integer from 1 to {MAX_CAPACITY}, got {value}"
+        )
+    return value
+
+
+# -- public requests to the balancer: unknown fields rejected ----------------------
+
+
+class StrategyBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /v1/strategy``."""
+
+    strategy: str

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import pytest
+
+from p2plb.errors import RequestError
+from p2plb.wire import (
+    ItemsBody,
+    check_address,
+    check_indexer_id,
+    check_item,
+    check_name,
+    decode_body,
+)
+
+
+def rejected(call, *args, **kwargs) -> RequestError:  # type: ignore[no-untyped-def]
+    with pytest.raises(RequestError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (b"", "invalid_json", "body: expected a JSON object, got nothing"),
+        (b"{", "invalid_json", "body: not valid JSON (Input data was truncated)"),
+        (
+            b"[1]",
+            "invalid_json",
+            "body: expected a JSON object (Expected `object`, got `array`)",
+        ),
+        (b'{"item": 1}', "invalid_field", "item: expected `str`, got `int`"),
+        (b'{"items": "a"}', "invalid_field", "items: expected `array`, got `str`"),
+        (b'{"items": ["a", 2]}', "invalid_field", "items: expected `str`, got `int`"),
+        (b'{"item": "a", "x": 1}', "unknown_field", "x: unknown field"),
+        (
+            b'{"item": "a", "items": ["b"]}',
+            "invalid_field",
+            'item: give exactly one of "item" or "items"',
+        ),
+        (b"{}", "invalid_field", 'item: give exactly one of "item" or "items"'),
+        (b'{"items": []}', "invalid_field", "items: must hold at least one item"),
+        (b'{"item": ""}', "invalid_field", "item: must not be empty"),
+        (
+            b'{"item": "a\\u0000b"}',
+            "invalid_field",
+            "item: must not contain NUL characters",
+        ),
+        (
+            b'{"item": "\\ud800"}',
+            "invalid_json",
+            "body: not valid JSON (it holds a \\u escape of a lone surrogate, "
+            "which is not UTF-8)",
+        ),
+        (
+            b'{"item": "\xff"}',
+            "invalid_json",
+            "body: not valid JSON (Invalid UTF-8 encoded string)",
+        ),
+        (b'{"items": ["ok", ""]}', "invalid_field", "items: must not be empty"),
+    ],
+)
+def test_items_body_rejections(body: bytes, code: str, message: str) -> None:
+    def decode() -> list[str]:
+        return decode_body(body, ItemsBody).values()
+
+    error = rejected(decode)
+    assert (error.status, error.code, error.message) == (400, code, message)
+
+
+def test_items_body_accepts_one_or_a_batch() -> None:
+    assert decode_body(b'{"item": "x"}', ItemsBody).values() == ["x"]
+    assert decode_body(b'{"items": ["a", "b"]}', ItemsBody).values() == ["a", "b"]
+    assert decode_body('{"item": "日本語 🎵"}'.encode(), ItemsBody).values() == [
+        "日本語 🎵"
+    ]
+
+
+def test_item_size_is_counted_in_utf8_bytes() -> None:
+    assert check_item("é" * 2048) == "é" * 2048
+    error = rejected(check_item, "é" * 2049)
+    assert error.message == "item: must be at most 4096 bytes of UTF-8, got 4098"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "name: must not be empty"),
+        ("x" * 257, "name: must be at most 256 characters, got 257"),
+        ("x" * 10_000, "name: must be at most 256 characters, got 10000"),
+        ("a/b", "name: must not contain '/'"),
+        ("a\x00b", "name: must not contain control characters (found '\\x00')"),
+        ("tab\there", "name: must not contain control characters (found '\\t')"),
+        ("\x7f", "name: must not contain control characters (found '\\x7f')"),
+        ("\udfff", "name: must be valid UTF-8 (it holds a lone surrogate)"),
+    ],
+)
+def test_bad_names(name: str, message: str) -> None:
+    error = rejected(check_name, name)
+    assert (error.status, error.code, error.message) == (400, "invalid_field", message)
+
+
+def test_good_names() -> None:
+    for name in ("songs", "x" * 256, "歌曲", "música 🎶", "a b.c-d_e:f"):
+        assert check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("given", "normalised"),
+    [
+        ("http://127.0.0.1:7401", "http://127.0.0.1:7401"),
+        ("HTTP://LocalHost:80/", "http://localhost:80"),
+        ("https://idx.example:443", "https://idx.example:443"),
+        ("http://[2001:db8::1]:9000", "http://[2001:db8::1]:9000"),
+    ],
+)
+def test_good_addresses(given: str, normalised: str) -> None:
+    assert check_address(given) == normalised
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2001:db8::1:9000",
+        "127.0.0.1:80",
+        "ftp://x:1",
+        "http://x:70000",
+        "http://x:0",
+        "http://x",
+        "http://x:80/path",
+        "http://x:80?q=1",
+        "http://user:pw@x:80",
+        "http://:80",
+        "",
+    ],
+)
+def test_bad_addresses(address: str) -> None:
+    error = rejected(check_address, address)
+    assert error.code == "invalid_field"
+    assert error.message.startswith(
+        f"address: must be http://host:port or https://host:port, got {address!r}"
+    )
+
+
+def test_address_must_be_a_string() -> None:
+    error = rejected(check_address, 80)
+    assert error.message == "address: must be a string like http://host:port, got 80"
+
+
+@pytest.mark.parametrize("value", ["", "a" * 129, "a b", "a/b", "é", 5, None])
+def test_bad_indexer_ids(value: object) -> None:
+    error = rejected(check_indexer_id, value)
+    assert error.message == (
+        f"id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got {value!r}"
+    )
+
+
+def test_good_indexer_ids() -> None:
+    for value in ("i1", "a" * 128, "node-1.zone_a:7401"):
+        assert check_indexer_id(value) == value
