@@ -1,0 +1,826 @@
+"""The balancer's view of its indexers: who they are, how loaded, how healthy.
+
+Rules of this module:
+
+* No I/O.  Time comes from the ``clock`` passed in (monotonic seconds) and
+  randomness from the ``random.Random`` passed in; the server calls in when
+  something happens and logs the ``HealthChange`` events it drains.
+* One entry per indexer id.  A registration from a different process (a new
+  address, or a new ``instance``) replaces the entry at once; reports from the
+  replaced process then get ``409 superseded`` so that it stops.
+* A new registration is healthy at once and takes writes; it takes reads once
+  a report says ``serving`` (it may still have to catch up before that).
+  Entries restored from a snapshot wait for a successful probe instead.
+* The *effective load* of an entry (design.md, "Load") is its freshest reported
+  load, plus the proxied requests in flight to it, plus the ``/v1/route``
+  answers that pointed at it during the last ``service_time`` seconds.
+* Two strategy pools are kept up to date on every change of effective load,
+  health, state or capacity: reads go to healthy ``serving`` indexers, writes
+  to any healthy one (a ``syncing`` indexer takes writes so that it catches
+  up).  A pick is then a single strategy pick, sublinear in the number of
+  indexers; only ``tick`` (about once a second), ``set_strategy``,
+  ``snapshot`` and ``restore`` walk every entry.
+* Passive ejection never takes out more than ``max_ejected_fraction`` of the
+  indexers: the registry is the one place that sees them all.
+* ``total_requests`` and ``routed_requests`` only grow: removing an indexer
+  does not take its requests out of the totals.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2plb.errors import NoHealthyIndexer, RequestError
+from p2plb.health import Health, HealthChange, HealthPolicy
+from p2plb.strategies import STRATEGIES, Strategy, make_strategy
+from p2plb.wire import check_address, check_indexer_id, invalid
+
+__all__ = [
+    "OPS",
+    "SNAPSHOT_VERSION",
+    "STATES",
+    "Entry",
+    "Flight",
+    "LatencyWindow",
+    "Registry",
+]
+
+STATES = ("serving", "syncing")
+OPS = ("read", "write")
+SNAPSHOT_VERSION = 1
+# How many replaced (address, instance) pairs are remembered per id.
+_SUPERSEDED_KEPT = 4
+
+
+class LatencyWindow:
+    """The last 1024 latencies of successful requests, for p50 and p99.
+
+    Fixed memory (a ring); the percentiles sort a copy, which costs a few
+    microseconds and happens only when someone asks for status.
+    """
+
+    SIZE = 1024
+
+    def __init__(self) -> None:
+        self._samples: list[float] = []
+        self._next = 0
+
+    def add(self, seconds: float) -> None:
+        if len(self._samples) < self.SIZE:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._next] = seconds
+            self._next = (self._next + 1) % self.SIZE
+
+    def percentiles(self) -> tuple[float | None, float | None]:
+        """``(p50, p99)`` in ms by nearest rank; ``None`` with no samples."""
+        if not self._samples:
+            return None, None
+        ordered = sorted(self._samples)
+
+        def rank(q: float) -> float:
+            index = max(0, math.ceil(q * len(ordered)) - 1)
+            return round(ordered[index] * 1000.0, 2)
+
+        return rank(0.50), rank(0.99)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One registered indexer and what the balancer knows about it."""
+
+    id: str
+    address: str
+    capacity: int
+    zone: str | None
+    instance: str | None
+    state: str
+    reported_load: int
+    registered_at: float
+    last_report: float | None
+    health: Health
+    requests: int = 0  # served, as the indexer reports it (any path)
+    routed: int = 0  # proxied or answered on /v1/route by this balancer
+    errors: int = 0  # proxied requests that failed
+    inflight: int = 0  # proxied requests not finished yet
+    recent: int = 0  # /v1/route answers still counted as load
+    served_seen: int | None = None  # last cumulative "served" counter
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+    @property
+    def load(self) -> int:
+        """Effective load: reported + in flight + recent lookaside answers."""
+        return self.reported_load + self.inflight + self.recent
+
+    @property
+    def load_percentage(self) -> float:
+        return round(min(100.0, 100.0 * self.load / self.capacity), 1)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """This indexer as ``GET /v1/status`` shows it (design.md)."""
+        age = None if self.last_report is None else round(now - self.last_report, 1)
+        p50, p99 = self.latency.percentiles()
+        return {
+            "id": self.id,
+            "address": self.address,
+            "zone": self.zone,
+            "capacity": self.capacity,
+            "current_load": self.load,
+            "load_percentage": self.load_percentage,
+            "healthy": self.health.healthy,
+            "state": self.state,
+            "health_reason": self.health.describe(now),
+            "last_report_age_s": age,
+            "requests": self.requests,
+            "routed": self.routed,
+            "errors": self.errors,
+            "latency_ms": {"p50": p50, "p99": p99},
+        }
+
+    def route_row(self) -> dict[str, Any]:
+        """This indexer as a row of ``GET /v1/routing-table``."""
+        return {
+            "id": self.id,
+            "address": self.address,
+            "capacity": self.capacity,
+            "load": self.load,
+            "state": self.state,
+            "healthy": self.health.healthy,
+            "zone": self.zone,
+        }
+
+
+class Flight:
+    """A proxied request in flight, from ``Registry.begin`` to ``finish``.
+
+    It remembers the very entry it was counted on, so finishing it twice, or
+    after the indexer was removed or replaced, cannot push a count below zero
+    or onto the wrong entry.
+    """
+
+    __slots__ = ("done", "entry")
+
+    def __init__(self, entry: Entry | None) -> None:
+        self.entry = entry
+        self.done = entry is None
+
+    @property
+    def id(self) -> str | None:
+        return None if self.entry is None else self.entry.id
+
+
+class Registry:
+    """Every indexer this balancer knows, and the strategy that picks among them."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        policy: HealthPolicy,
+        strategy: str = "least_load",
+        forget_after: float = 3600.0,
+        service_time: float = 0.05,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.policy = policy
+        self.forget_after = forget_after
+        self.service_time = service_time
+
+        self._read: Strategy = make_strategy(strategy, rng)
+        self._write: Strategy = make_strategy(strategy, rng)
+        self._entries: dict[str, Entry] = {}
+        self._ejected: set[str] = set()
+        self._recent: deque[tuple[float, Entry]] = deque()
+        self._superseded: dict[str, deque[tuple[str, str | None, float]]] = {}
+        self._changes: list[HealthChange] = []
+        self._total_requests = 0
+        self._total_routed = 0
+        self._version = 0
+
+    # what the server reads -------------------------------------------------------
+
+    @property
+    def strategy(self) -> str:
+        return self._read.name
+
+    @property
+    def total_requests(self) -> int:
+        return self._total_requests
+
+    @property
+    def routed_requests(self) -> int:
+        return self._total_routed
+
+    @property
+    def version(self) -> int:
+        """Grows whenever anything a routing table shows changes (load included)."""
+        return self._version
+
+    generation = version
+
+    def effective_load(self, entry: Entry) -> int:
+        """``entry.load``: reported + in flight + recent lookaside answers."""
+        return entry.load
+
+    def entries(self) -> list[Entry]:
+        """All entries, in registration order (a replacement keeps its place)."""
+        return list(self._entries.values())
+
+    def get(self, id: str) -> Entry | None:
+        return self._entries.get(id)
+
+    def healthy_count(self) -> int:
+        return len(self._write)  # the write pool holds exactly the healthy ones
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def drain_changes(self) -> list[HealthChange]:
+        """Health changes since the last drain, oldest first, for the log."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status`` without ``uptime_seconds``, which the server adds."""
+        now = self._clock()
+        return {
+            "healthy_indexers": self.healthy_count(),
+            "total_indexers": len(self._entries),
+            "total_requests": self._total_requests,
+            "routed_requests": self._total_routed,
+            "strategy": self.strategy,
+            "indexers": [entry.status(now) for entry in self._entries.values()],
+        }
+
+    def routing_table(self) -> dict[str, Any]:
+        """``GET /v1/routing-table``: every indexer, healthy or not."""
+        self._expire(self._clock())
+        return {
+            "version": self._version,
+            "strategy": self.strategy,
+            "indexers": [entry.route_row() for entry in self._entries.values()],
+        }
+
+    # what indexers do ------------------------------------------------------------
+
+    def register(
+        self,
+        id: str,
+        address: str,
+        capacity: int,
+        zone: str | None = None,
+        instance: str | None = None,
+        *,
+        state: str = "syncing",
+    ) -> tuple[Entry, bool]:
+        """Add an indexer; ``True`` if the id is new (201), ``False`` if known (200).
+
+        A new entry is healthy at once and takes writes, but no reads until a
+        report says it is ``serving`` (``state``, if the caller knows better):
+        an indexer that has not said so may not have caught up yet.  The same
+        process registering again (same address, same or unknown instance)
+        keeps its entry, state and counters.  A different process replaces the
+        entry in place: counters carry over, health and state start afresh,
+        and the old (address, instance) is remembered as superseded.
+        """
+        id = check_indexer_id(id)
+        address = check_address(address)
+        _check_count(capacity, "capacity", minimum=1)
+        if state not in STATES:
+            raise invalid("state", f"must be one of {', '.join(STATES)}; got {state!r}")
+        now = self._clock()
+
+        old = self._entries.get(id)
+        if old is not None and _same_process(old, address, instance):
+            old.capacity = capacity
+            old.zone = zone
+            old.instance = old.instance if instance is None else instance
+            self._record(old, old.health.on_contact(now))
+            self._sync(old)
+            return old, False
+
+        entry = Entry(
+            id=id,
+            address=address,
+            capacity=capacity,
+            zone=zone,
+            instance=instance,
+            state=state,
+            reported_load=0,
+            registered_at=now,
+            last_report=None,
+            health=Health(id, self.policy, now),
+        )
+        if old is not None:
+            self._leave(old)
+            self._supersede(old, now)
+            entry.requests, entry.routed, entry.errors = (
+                old.requests,
+                old.routed,
+                old.errors,
+            )
+        self._forget_superseded(id, address, instance)
+        self._entries[id] = entry
+        self._sync(entry)
+        return entry, old is None
+
+    def unregister(self, id: str) -> Entry:
+        """Remove an indexer; ``404 indexer_not_found`` if it is not registered."""
+        entry = self._entries.get(id)
+        if entry is None:
+            raise _not_found(id)
+        self._leave(entry)
+        del self._entries[id]
+        return entry
+
+    def report(
+        self,
+        id: str,
+        load: int,
+        state: str,
+        *,
+        served: int | None = None,
+        address: str | None = None,
+        instance: str | None = None,
+    ) -> Entry:
+        """A load report: 404 if ``id`` is unknown, 409 if the sender was replaced.
+
+        ``served`` is the indexer's cumulative count of requests served; the
+        positive difference from the last one is added to ``requests``, and a
+        smaller value means the indexer restarted and counts from zero again.
+        """
+        _check_count(load, "load", minimum=0)
+        if state not in STATES:
+            raise invalid("state", f"must be one of {', '.join(STATES)}; got {state!r}")
+        if served is not None:
+            _check_count(served, "served", minimum=0)
+        if address is not None:
+            address = check_address(address)
+        now = self._clock()
+
+        entry = self._entries.get(id)
+        if entry is None or not _same_process(entry, address, instance):
+            if self._is_superseded(id, address, instance) or entry is not None:
+                raise _superseded(id, entry, address, instance)
+            raise _not_found(id)
+
+        entry.reported_load = load
+        entry.state = state
+        entry.last_report = now
+        if entry.instance is None:
+            entry.instance = instance
+        if served is not None:
+            self._count_served(entry, served)
+        self._record(entry, entry.health.on_report(now))
+        self._sync(entry)
+        return entry
+
+    # what the balancer observes ---------------------------------------------------
+
+    def observe_load(self, id: str, load: int, capacity: int) -> None:
+        """A ``P2PLB-Load`` header on a proxied answer: fresher than any report."""
+        entry = self._entries.get(id)
+        if entry is None or load < 0 or capacity < 1:
+            return
+        entry.reported_load = load
+        entry.capacity = capacity
+        self._sync(entry)
+
+    def probe_result(self, id: str, ok: bool, detail: str) -> None:
+        """An active probe ended; ignored if the indexer is gone meanwhile."""
+        entry = self._entries.get(id)
+        if entry is None:
+            return
+        self._record(entry, entry.health.on_probe(ok, detail, self._clock()))
+        self._sync(entry)
+
+    def pick(self, op: str = "read", *, exclude: Collection[str] = ()) -> Entry | None:
+        """The indexer the strategy picks for ``op``, without counting anything.
+
+        ``read`` considers healthy ``serving`` indexers, ``write`` every healthy
+        one; ``exclude`` names indexers already tried by a retrying caller.
+        """
+        pool = self._pool(op)
+        self._expire(self._clock())
+        id = pool.pick()
+        if id is not None and id in exclude:
+            id = self._pick_excluding(pool, exclude)
+        return None if id is None else self._entries[id]
+
+    def route(self, op: str = "read") -> Entry:
+        """A lookaside answer (``GET /v1/route``): pick, and count the pick.
+
+        The pick counts as ``routed`` and adds one to the entry's effective load
+        for ``service_time`` seconds, so that a burst of lookaside calls
+        spreads out instead of all landing on the idlest indexer.
+        """
+        entry = self.pick(op)
+        if entry is None:
+            raise NoHealthyIndexer(self._none_healthy(op))
+
+        entry.routed += 1
+        self._total_routed += 1
+        entry.recent += 1
+        self._recent.append((self._clock() + self.service_time, entry))
+        self._sync(entry)
+        return entry
+
+    def begin(self, id: str) -> Flight:
+        """A proxied request to ``id`` starts: it counts as routed and in flight.
+
+        An unknown id gives a ``Flight`` that counts nothing.
+        """
+        entry = self._entries.get(id)
+        if entry is None:
+            return Flight(None)
+        entry.routed += 1
+        self._total_routed += 1
+        entry.inflight += 1
+        self._sync(entry)
+        return Flight(entry)
+
+    def finish(
+        self, flight: Flight | str, ok: bool, latency_s: float, detail: str = ""
+    ) -> None:
+        """A proxied request ended; ``ok=False`` is a failure of the indexer.
+
+        Failures are refused connections, timeouts and 5xx answers other than
+        ``503 overloaded`` (an overloaded indexer is busy, not broken: finish
+        that with ``ok=True``).  They count as ``errors`` and feed passive
+        health; successes give a latency sample.  Given a ``Flight``, a second
+        finish does nothing; given an id, the current entry's in-flight count
+        goes down but never below zero.
+        """
+        if isinstance(flight, Flight):
+            if flight.done:
+                return
+            flight.done = True
+            entry = flight.entry
+        else:
+            entry = self._entries.get(flight)
+        if entry is None:
+            return
+
+        entry.inflight = max(0, entry.inflight - 1)
+        if ok:
+            entry.latency.add(latency_s)
+        else:
+            entry.errors += 1
+        if self._entries.get(entry.id) is not entry:
+            return  # removed or replaced meanwhile: its health no longer matters
+
+        may_eject = entry.id in self._ejected or (
+            len(self._ejected) + 1
+            <= self.policy.max_ejected_fraction * len(self._entries) + 1e-9
+        )
+        now = self._clock()
+        self._record(
+            entry, entry.health.on_request(ok, detail, now, may_eject=may_eject)
+        )
+        self._sync(entry)
+
+    # what the operator and the timer do -------------------------------------------
+
+    def set_strategy(self, name: str) -> None:
+        """Switch strategy (``400 invalid_strategy`` if unknown); rebuilds the pools."""
+        read = make_strategy(name, self._rng)
+        write = make_strategy(name, self._rng)
+        self._read, self._write = read, write
+        for entry in self._entries.values():
+            self._sync(entry)
+
+    def tick(self) -> list[HealthChange]:
+        """Apply the passage of time to every entry; return ``drain_changes()``.
+
+        Ends ejections, notices silent indexers, and forgets those unhealthy
+        for ``forget_after`` seconds (a ``HealthChange`` with ``removed=True``).
+        O(n): meant to run about once a second, never per request.
+        """
+        now = self._clock()
+        self._expire(now)
+
+        for entry in list(self._entries.values()):
+            change = entry.health.evaluate(now)
+            if change is not None:
+                self._record(entry, change)
+                self._sync(entry)
+            unhealthy_for = now - entry.health.since
+            if not entry.health.healthy and unhealthy_for >= self.forget_after:
+                self._leave(entry)
+                del self._entries[entry.id]
+                reason = f"forgotten after {unhealthy_for:.0f} s unhealthy"
+                self._changes.append(
+                    HealthChange(
+                        entry.id, False, f"{reason}: {entry.health.reason}", True
+                    )
+                )
+
+        for id, replaced in list(self._superseded.items()):
+            while replaced and now - replaced[0][2] >= self.forget_after:
+                replaced.popleft()
+            if not replaced:
+                del self._superseded[id]
+        return self.drain_changes()
+
+    # persistence -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the balancer's state file holds; JSON-able."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "strategy": self.strategy,
+            "total_requests": self._total_requests,
+            "routed_requests": self._total_routed,
+            "indexers": [
+                {
+                    "id": entry.id,
+                    "address": entry.address,
+                    "capacity": entry.capacity,
+                    "zone": entry.zone,
+                    "instance": entry.instance,
+                    "state": entry.state,
+                    "reported_load": entry.reported_load,
+                    "requests": entry.requests,
+                    "routed": entry.routed,
+                    "errors": entry.errors,
+                    "served": entry.served_seen,
+                }
+                for entry in self._entries.values()
+            ],
+        }
+
+    def restore(self, snapshot: Any) -> None:
+        """Replace everything with a ``snapshot()``; ``ValueError`` if malformed.
+
+        The whole snapshot is checked before anything changes.  Restored
+        indexers are unhealthy ("restored; awaiting probe") until their first
+        successful probe, and have ``unhealthy_after`` seconds to report.
+        """
+        rows = _parse_snapshot(snapshot)
+        now = self._clock()
+
+        self._read = make_strategy(snapshot["strategy"], self._rng)
+        self._write = make_strategy(snapshot["strategy"], self._rng)
+        self._entries = {}
+        self._ejected = set()
+        self._recent = deque()
+        self._total_requests = snapshot["total_requests"]
+        self._total_routed = snapshot["routed_requests"]
+
+        for row in rows:
+            entry = Entry(
+                id=row["id"],
+                address=row["address"],
+                capacity=row["capacity"],
+                zone=row["zone"],
+                instance=row["instance"],
+                state=row["state"],
+                reported_load=row["reported_load"],
+                registered_at=now,
+                last_report=None,
+                health=Health(row["id"], self.policy, now, restored=True),
+                requests=row["requests"],
+                routed=row["routed"],
+                errors=row["errors"],
+                served_seen=row["served"],
+            )
+            self._entries[entry.id] = entry
+            self._sync(entry)
+
+    # internals -------------------------------------------------------------------
+
+    def _pool(self, op: str) -> Strategy:
+        if op == "read":
+            return self._read
+        if op == "write":
+            return self._write
+        raise invalid("op", f"must be one of {', '.join(OPS)}; got {op!r}")
+
+    def _pick_excluding(self, pool: Strategy, exclude: Collection[str]) -> str | None:
+        """A pick outside ``exclude``, in O(len(exclude)) strategy operations.
+
+        Picking again usually lands elsewhere (round robin moves on, the random
+        strategies draw again).  If it keeps landing on excluded indexers, as
+        ``least_load`` does when they are the least loaded, they leave the pool
+        for one pick and come back; a round robin backend that comes back that
+        way restarts its rotation, which costs it at most one turn.
+        """
+        for _ in range(2 * len(exclude) + 2):
+            id = pool.pick()
+            if id is None or id not in exclude:
+                return id
+
+        removed = [id for id in exclude if id in pool]
+        for id in removed:
+            pool.discard(id)
+        try:
+            return pool.pick()
+        finally:
+            for id in removed:
+                entry = self._entries[id]
+                pool.set(id, entry.capacity, entry.load)
+
+    def _sync(self, entry: Entry) -> None:
+        """Bring both pools in line with ``entry`` (if it is still current)."""
+        if self._entries.get(entry.id) is not entry:
+            return
+        self._version += 1
+        healthy = entry.health.healthy
+        for pool, eligible in (
+            (self._read, healthy and entry.state == "serving"),
+            (self._write, healthy),
+        ):
+            if eligible:
+                pool.set(entry.id, entry.capacity, entry.load)
+            else:
+                pool.discard(entry.id)
+
+    def _leave(self, entry: Entry) -> None:
+        """Take ``entry`` out of the pools and counts, before it is dropped."""
+        self._read.discard(entry.id)
+        self._write.discard(entry.id)
+        self._ejected.discard(entry.id)
+        self._version += 1
+
+    def _record(self, entry: Entry, change: HealthChange | None) -> None:
+        if entry.health.ejected:
+            self._ejected.add(entry.id)
+        else:
+            self._ejected.discard(entry.id)
+        if change is not None:
+            self._changes.append(change)
+
+    def _expire(self, now: float) -> None:
+        """Stop counting lookaside answers older than ``service_time``.
+
+        Expiries are appended in time order, so the oldest is always first:
+        each answer is expired once, O(1) amortised per ``route``.
+        """
+        while self._recent and self._recent[0][0] <= now:
+            _, entry = self._recent.popleft()
+            entry.recent = max(0, entry.recent - 1)
+            self._sync(entry)
+
+    def _count_served(self, entry: Entry, served: int) -> None:
+        previous = entry.served_seen
+        delta = served if previous is None or served < previous else served - previous
+        entry.served_seen = served
+        entry.requests += delta
+        self._total_requests += delta
+
+    def _supersede(self, old: Entry, now: float) -> None:
+        replaced = self._superseded.setdefault(old.id, deque(maxlen=_SUPERSEDED_KEPT))
+        replaced.append((old.address, old.instance, now))
+
+    def _forget_superseded(self, id: str, address: str, instance: str | None) -> None:
+        replaced = self._superseded.get(id)
+        if replaced is None:
+            return
+        kept = [row for row in replaced if (row[0], row[1]) != (address, instance)]
+        replaced.clear()
+        replaced.extend(kept)
+
+    def _is_superseded(
+        self, id: str, address: str | None, instance: str | None
+    ) -> bool:
+        if address is None and instance is None:
+            return False
+        for old_address, old_instance, _ in self._superseded.get(id, ()):
+            address_matches = address is None or address == old_address
+            instance_matches = instance is None or instance == old_instance
+            if address_matches and instance_matches:
+                return True
+        return False
+
+    def _none_healthy(self, op: str) -> str:
+        healthy = self.healthy_count()
+        total = len(self._entries)
+        if op == "read" and healthy:
+            return (
+                f"no healthy indexer can serve a read: {healthy} of {total} are "
+                "healthy but still syncing"
+            )
+        return f"no healthy indexer: {healthy} of {total} registered are healthy"
+
+
+def _same_process(entry: Entry, address: str | None, instance: str | None) -> bool:
+    """Whether a message from (address, instance) comes from ``entry``'s process.
+
+    Whatever the message leaves out is taken to match.
+    """
+    if address is not None and address != entry.address:
+        return False
+    return instance is None or entry.instance is None or instance == entry.instance
+
+
+def _check_count(value: object, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _not_found(id: str) -> RequestError:
+    return RequestError(
+        404, "indexer_not_found", f"id: no indexer {id!r} is registered"
+    )
+
+
+def _superseded(
+    id: str, current: Entry | None, address: str | None, instance: str | None
+) -> RequestError:
+    sender = address or f"instance {instance}"
+    where = f" at {current.address}" if current is not None else ""
+    return RequestError(
+        409,
+        "superseded",
+        f"id: indexer {id!r} ({sender}) was replaced by a newer registration"
+        f"{where}; this process must stop reporting",
+    )
+
+
+# snapshot validation -------------------------------------------------------------
+
+_TOP_KEYS = {"version", "strategy", "total_requests", "routed_requests", "indexers"}
+_ROW_KEYS = {
+    "id",
+    "address",
+    "capacity",
+    "zone",
+    "instance",
+    "state",
+    "reported_load",
+    "requests",
+    "routed",
+    "errors",
+    "served",
+}
+
+
+def _parse_snapshot(snapshot: Any) -> list[dict[str, Any]]:
+    """Check every field of a snapshot; return its indexer rows, address
+    normalised.  Anything unexpected is a ``ValueError`` naming the field."""
+    _check_keys(snapshot, _TOP_KEYS, "snapshot")
+    version = snapshot["version"]
+    if version != SNAPSHOT_VERSION or isinstance(version, bool):
+        raise ValueError(
+            f"snapshot.version: expected {SNAPSHOT_VERSION}, got {version!r}"
+        )
+    if snapshot["strategy"] not in STRATEGIES:
+        raise ValueError(
+            f"snapshot.strategy: unknown strategy {snapshot['strategy']!r}"
+        )
+    for name in ("total_requests", "routed_requests"):
+        _expect_count(snapshot[name], f"snapshot.{name}", 0)
+    if not isinstance(snapshot["indexers"], list):
+        raise ValueError("snapshot.indexers: expected a list")
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, row in enumerate(snapshot["indexers"]):
+        where = f"snapshot.indexers[{index}]"
+        _check_keys(row, _ROW_KEYS, where)
+        try:
+            check_indexer_id(row["id"])
+            address = check_address(row["address"])
+        except RequestError as exc:
+            raise ValueError(f"{where}.{exc.message}") from None
+        if row["id"] in seen:
+            raise ValueError(f"{where}.id: {row['id']!r} appears twice")
+        seen.add(row["id"])
+        _expect_count(row["capacity"], f"{where}.capacity", 1)
+        for name in ("reported_load", "requests", "routed", "errors"):
+            _expect_count(row[name], f"{where}.{name}", 0)
+        if row["served"] is not None:
+            _expect_count(row["served"], f"{where}.served", 0)
+        for name in ("zone", "instance"):
+            if row[name] is not None and not isinstance(row[name], str):
+                raise ValueError(f"{where}.{name}: expected a string or null")
+        if row["state"] not in STATES:
+            raise ValueError(f"{where}.state: expected one of {', '.join(STATES)}")
+        rows.append({**row, "address": address})
+    return rows
+
+
+def _check_keys(value: Any, keys: set[str], where: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+    missing = keys - value.keys()
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(sorted(missing))}")
+    extra = value.keys() - keys
+    if extra:
+        raise ValueError(f"{where}: unexpected {', '.join(sorted(map(str, extra)))}")
+
+
+def _expect_count(value: Any, where: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: expected an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,595 @@
+"""The registry, driven with a fake clock and seeded generators."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from p2plb.config import STRATEGY_NAMES
+from p2plb.errors import NoHealthyIndexer, RequestError
+from p2plb.health import HealthChange, HealthPolicy
+from p2plb.registry import Registry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, **kwargs: Any) -> Registry:
+    return Registry(clock=clock, rng=random.Random(4), policy=HealthPolicy(), **kwargs)
+
+
+def addr(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def add(registry: Registry, *ids: str, capacity: int = 10) -> None:
+    """Register indexers that have reported once, as ``serving``, with load 0."""
+    for n, id in enumerate(ids):
+        registry.register(id, addr(7401 + n), capacity)
+        registry.report(id, 0, "serving")
+
+
+def error_of(call: Any, *args: Any, **kwargs: Any) -> tuple[int, str, str]:
+    with pytest.raises(RequestError) as caught:
+        call(*args, **kwargs)
+    return caught.value.status, caught.value.code, caught.value.message
+
+
+# registration ---------------------------------------------------------------------
+
+
+def test_register_new_then_again(clock: FakeClock) -> None:
+    registry = make(clock)
+    entry, created = registry.register("i1", "HTTP://127.0.0.1:7401/", 8, zone="z1")
+    assert created
+    assert (entry.address, entry.capacity, entry.zone, entry.state) == (
+        "http://127.0.0.1:7401",
+        8,
+        "z1",
+        "syncing",
+    )
+    assert (entry.health.healthy, entry.health.reason) == (True, "registered")
+    assert registry.pick("write") is entry  # routable at once...
+    assert registry.pick("read") is None  # ...but reads wait for "serving"
+    registry.report("i1", 0, "serving")
+    assert registry.pick("read") is entry
+
+    entry.routed = 5
+    clock.advance(50)
+    again, created = registry.register("i1", addr(7401), 16, instance="abc")
+    assert (again is entry, created) == (True, False)
+    assert (entry.capacity, entry.instance, entry.routed, entry.zone) == (
+        16,
+        "abc",
+        5,
+        None,
+    )
+    clock.advance(50)  # the registration counted as a sign of life
+    assert registry.tick() == []
+    assert len(registry) == 1
+
+
+def test_register_rejects_bad_fields(clock: FakeClock) -> None:
+    registry = make(clock)
+    assert error_of(registry.register, "i 1", addr(1), 1)[:2] == (400, "invalid_field")
+    assert error_of(registry.register, "i1", "ftp://x:1", 1)[2].startswith("address:")
+    assert error_of(registry.register, "i1", addr(1), 0)[2].startswith("capacity:")
+    assert error_of(registry.register, "i1", addr(1), True)[2].startswith("capacity:")
+    assert len(registry) == 0
+
+
+def test_a_new_process_replaces_the_entry_and_the_old_one_is_superseded(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock)
+    add(registry, "i0")
+    old, _ = registry.register("i1", addr(7401), 10, instance="first")
+    add(registry, "i2")
+    old.requests, old.routed, old.errors = 7, 6, 1
+    flight = registry.begin("i1")
+
+    new, created = registry.register("i1", addr(7501), 10, instance="second")
+    assert not created
+    assert new is not old and registry.get("i1") is new
+    assert [e.id for e in registry.entries()] == ["i0", "i1", "i2"]
+    assert (new.requests, new.routed, new.errors, new.inflight) == (7, 7, 1, 0)
+
+    # The old process: by address, by instance, or both.
+    for sender in (
+        {"address": addr(7401)},
+        {"instance": "first"},
+        {"address": addr(7401), "instance": "first"},
+    ):
+        status, code, message = error_of(registry.report, "i1", 1, "serving", **sender)
+        assert (status, code) == (409, "superseded")
+        assert message.startswith("id: indexer 'i1' (")
+    registry.report("i1", 3, "serving", address=addr(7501), instance="second")
+    assert new.reported_load == 3
+
+    # Finishing the old request touches the old entry only.
+    registry.finish(flight, False, 0.1, "HTTP 500")
+    assert (old.inflight, new.inflight, new.errors) == (0, 0, 1)
+
+    # Even once the id is gone, the replaced process is told to stop.
+    registry.unregister("i1")
+    assert error_of(registry.report, "i1", 1, "serving", instance="first")[0] == 409
+    assert error_of(registry.report, "i1", 1, "serving", instance="third")[0] == 404
+
+
+def test_unknown_ids_are_404(clock: FakeClock) -> None:
+    registry = make(clock)
+    expected = (404, "indexer_not_found", "id: no indexer 'x' is registered")
+    assert error_of(registry.report, "x", 1, "serving") == expected
+    assert error_of(registry.unregister, "x") == expected
+    registry.probe_result("x", False, "refused")  # ignored: it may have just left
+    registry.observe_load("x", 3, 10)
+    assert len(registry) == 0
+
+
+def test_report_validates_and_updates(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    assert error_of(registry.report, "i1", -1, "serving")[2].startswith("load:")
+    assert error_of(registry.report, "i1", 1, "busy")[2].startswith("state:")
+    assert error_of(registry.report, "i1", 1, "serving", served=-3)[2].startswith(
+        "served:"
+    )
+
+    clock.advance(2)
+    entry = registry.report("i1", 4, "syncing")
+    assert (entry.reported_load, entry.state, entry.last_report) == (4, "syncing", 1002)
+    clock.advance(2.1)
+    status = registry.status()["indexers"][0]
+    assert (status["health_reason"], status["last_report_age_s"]) == (
+        "report 2.1 s ago",
+        2.1,
+    )
+
+
+def test_served_counter_deltas_and_reset(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1", "i2")
+    registry.report("i1", 0, "serving", served=100)
+    registry.report("i1", 0, "serving", served=150)
+    registry.report("i1", 0, "serving")  # no counter: nothing to add
+    registry.report("i1", 0, "serving", served=150)
+    registry.report("i1", 0, "serving", served=20)  # restarted: counts from zero
+    registry.report("i2", 0, "serving", served=5)
+    assert registry.get("i1").requests == 170  # type: ignore[union-attr]
+    assert registry.total_requests == 175
+
+    registry.unregister("i1")
+    assert registry.total_requests == 175  # totals never go down
+
+
+# health through the registry ---------------------------------------------------------
+
+
+def test_silent_indexers_turn_unhealthy_then_are_forgotten(clock: FakeClock) -> None:
+    registry = make(clock, forget_after=600.0)
+    add(registry, "i1", "i2")
+    clock.advance(30)
+    registry.report("i2", 0, "serving")
+
+    clock.advance(31)
+    assert registry.tick() == [HealthChange("i1", False, "no report for 61.0 s")]
+    assert registry.healthy_count() == 1
+    assert registry.route("read").id == "i2"
+
+    clock.advance(599)
+    changes = registry.tick()
+    assert registry.get("i1") is not None
+    assert changes == [HealthChange("i2", False, "no report for 630.0 s")]
+    clock.advance(1)
+    assert registry.tick() == [
+        HealthChange(
+            "i1", False, "forgotten after 600 s unhealthy: no report for 661.0 s", True
+        )
+    ]
+    assert [e.id for e in registry.entries()] == ["i2"]
+    with pytest.raises(NoHealthyIndexer, match="0 of 1 registered are healthy"):
+        registry.route("write")
+
+
+def test_probe_results_feed_health_and_changes_are_drained(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1", "i2")
+    registry.probe_result("i1", False, "connection refused")
+    registry.probe_result("i1", False, "connection refused")
+    assert registry.healthy_count() == 1
+    assert {registry.route("read").id for _ in range(20)} == {"i2"}
+    registry.probe_result("i1", True, "")
+    registry.probe_result("i1", True, "")
+    assert registry.drain_changes() == [
+        HealthChange("i1", False, "2 failed probes: connection refused"),
+        HealthChange("i1", True, "probe ok"),
+    ]
+    assert registry.drain_changes() == []
+
+
+def test_passive_ejection_takes_out_at_most_half(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "a", "b", "c", "d", "e")
+    for id in "abcde":
+        for _ in range(3):
+            registry.finish(registry.begin(id), False, 0.01, "HTTP 500")
+
+    changes = registry.drain_changes()
+    assert [(c.id, c.healthy) for c in changes] == [
+        ("a", False),
+        ("b", False),
+        ("c", True),
+        ("d", True),
+        ("e", True),
+    ]
+    assert changes[2].reason == (
+        "not ejected after 3 failed requests: HTTP 500; "
+        "at most 50% of the indexers may be ejected at once"
+    )
+    assert registry.healthy_count() == 3
+    assert {e.errors for e in registry.entries()} == {3}
+
+    # Once the ejections end, the others may take their turn.
+    clock.advance(10)
+    assert [c.healthy for c in registry.tick()] == [True, True]
+    for _ in range(3):
+        registry.finish(registry.begin("c"), False, 0.01, "timed out")
+    assert registry.drain_changes() == [
+        HealthChange("c", False, "ejected after 3 failed requests: timed out")
+    ]
+
+
+def test_a_lone_indexer_is_never_ejected(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    for _ in range(9):
+        registry.finish(registry.begin("i1"), False, 0.01, "HTTP 500")
+    assert registry.get("i1").health.healthy  # type: ignore[union-attr]
+    assert [c.healthy for c in registry.drain_changes()] == [True, True, True]
+
+
+# routing -------------------------------------------------------------------------
+
+
+def test_syncing_takes_writes_but_not_reads(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1", "i2")
+    registry.report("i1", 0, "syncing")
+    assert {registry.route("read").id for _ in range(30)} == {"i2"}
+    assert {registry.route("write").id for _ in range(60)} == {"i1", "i2"}
+
+    registry.report("i2", 0, "syncing")
+    with pytest.raises(NoHealthyIndexer, match="2 of 2 are healthy but still syncing"):
+        registry.route("read")
+    assert registry.pick("read") is None
+    registry.report("i1", 0, "serving")
+    assert registry.route("read").id == "i1"
+
+    assert (
+        error_of(registry.route, "scan")[2]
+        == "op: must be one of read, write; got 'scan'"
+    )
+
+
+def test_lookaside_spreads_onto_a_new_idle_indexer_without_flooding_it(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock, service_time=0.05)
+    add(registry, "i1", "i2", "i3")
+    for id in ("i1", "i2", "i3"):
+        registry.report(id, 5, "serving")
+    registry.register("i4", addr(7999), 10)
+    registry.report("i4", 0, "serving")
+
+    chosen = []
+    for _ in range(200):
+        chosen.append(registry.route("read").id)
+        clock.advance(0.001)
+    counts = Counter(chosen)
+    assert chosen[:5] == ["i4"] * 5  # the idle one is preferred at first...
+    assert counts["i4"] <= 80  # ...but gets at most 40%
+    assert min(counts[id] for id in ("i1", "i2", "i3")) >= 30
+    assert registry.routed_requests == 200
+    assert sum(e.routed for e in registry.entries()) == 200
+
+    clock.advance(0.05)
+    registry.tick()
+    assert [e.load for e in registry.entries()] == [5, 5, 5, 0]
+
+
+def test_pick_counts_nothing(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    entry = registry.pick()
+    assert entry is not None
+    assert (entry.routed, entry.load, registry.routed_requests) == (0, 0, 0)
+
+
+def test_effective_load_adds_inflight_and_recent_picks(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    registry.report("i1", 3, "serving")
+    flight = registry.begin("i1")
+    registry.route("read")
+    entry = registry.get("i1")
+    assert entry is not None
+    assert (entry.load, entry.inflight, entry.recent, entry.routed) == (5, 1, 1, 2)
+    assert registry.status()["indexers"][0]["load_percentage"] == 50.0
+
+    registry.observe_load("i1", 7, 20)  # fresher than the report
+    assert (entry.load, entry.capacity) == (9, 20)
+    clock.advance(0.05)
+    registry.finish(flight, True, 0.002)
+    assert registry.routing_table()["indexers"][0]["load"] == 7
+
+
+def test_inflight_never_goes_below_zero(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    flight = registry.begin("i1")
+    registry.finish(flight, True, 0.004)
+    registry.finish(flight, True, 0.004)
+    registry.finish("i1", False, 0.0, "refused")
+    entry = registry.get("i1")
+    assert entry is not None
+    assert (entry.inflight, entry.errors, entry.load) == (0, 1, 0)
+    assert entry.latency.percentiles() == (4.0, 4.0)
+
+    flight = registry.begin("i1")
+    registry.unregister("i1")
+    registry.finish(flight, False, 0.1, "refused")
+    registry.finish(flight, False, 0.1, "refused")
+    registry.finish("i1", True, 0.1)
+    assert entry.inflight == 0
+
+    ghost = registry.begin("nobody")
+    registry.finish(ghost, True, 0.1)
+    assert registry.routed_requests == 2
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_strategy_routes_and_can_be_switched_to(
+    clock: FakeClock, name: str
+) -> None:
+    registry = make(clock)
+    add(registry, "i1", "i2", "i3")
+    registry.report("i3", 0, "syncing")
+    registry.set_strategy(name)
+    assert registry.strategy == name
+    assert {registry.route("read").id for _ in range(60)} == {"i1", "i2"}
+    assert {registry.route("write").id for _ in range(90)} == {"i1", "i2", "i3"}
+
+
+def test_unknown_strategy_is_refused_and_changes_nothing(clock: FakeClock) -> None:
+    registry = make(clock, strategy="p2c")
+    assert error_of(registry.set_strategy, "nope")[:2] == (400, "invalid_strategy")
+    assert registry.strategy == "p2c"
+
+
+def test_latency_window_is_bounded_and_ranks() -> None:
+    from p2plb.registry import LatencyWindow
+
+    window = LatencyWindow()
+    assert window.percentiles() == (None, None)
+    for n in range(1, 3001):
+        window.add(n / 1000.0)
+    assert len(window) == 1024
+    # The last 1024 samples: 1977 ms .. 3000 ms.
+    assert window.percentiles() == (2488.0, 2990.0)
+
+
+# persistence ---------------------------------------------------------------------
+
+
+def populated(clock: FakeClock) -> Registry:
+    registry = make(clock, strategy="round_robin")
+    registry.register("i1", addr(7401), 8, zone="eu", instance="x1")
+    registry.register("i2", addr(7402), 4)
+    registry.report("i1", 3, "serving", served=40)
+    registry.report("i2", 1, "syncing", served=2)
+    registry.finish(registry.begin("i1"), False, 0.1, "HTTP 500")
+    registry.route("write")
+    return registry
+
+
+def test_snapshot_restore_round_trip(clock: FakeClock) -> None:
+    before = populated(clock)
+    snapshot = json.loads(json.dumps(before.snapshot()))
+    assert snapshot["strategy"] == "round_robin"
+    assert snapshot["indexers"][0] == {
+        "id": "i1",
+        "address": addr(7401),
+        "capacity": 8,
+        "zone": "eu",
+        "instance": "x1",
+        "state": "serving",
+        "reported_load": 3,
+        "requests": 40,
+        "routed": snapshot["indexers"][0]["routed"],
+        "errors": 1,
+        "served": 40,
+    }
+
+    clock.advance(100)
+    after = make(clock)
+    after.restore(snapshot)
+    assert after.snapshot() == snapshot
+    assert (after.strategy, after.total_requests, after.routed_requests) == (
+        "round_robin",
+        42,
+        2,
+    )
+    assert [(e.health.healthy, e.health.reason) for e in after.entries()] == [
+        (False, "restored; awaiting probe")
+    ] * 2
+    with pytest.raises(NoHealthyIndexer):
+        after.route("write")
+
+    after.probe_result("i1", True, "")
+    assert after.drain_changes() == [HealthChange("i1", True, "probe ok")]
+    assert after.route("read").id == "i1"
+    after.report("i1", 3, "serving", served=45)  # the counter carries on
+    restored = after.get("i1")
+    assert restored is not None
+    assert (restored.requests, after.total_requests) == (45, 47)
+
+
+def _mutations() -> list[tuple[str, Any]]:
+    def drop(key: str) -> Any:
+        return lambda s: s.pop(key)
+
+    def row(key: str, value: Any) -> Any:
+        return lambda s: s["indexers"][0].__setitem__(key, value)
+
+    return [
+        ("not a dict", lambda s: s.clear() or s.update({"x": 1})),
+        ("missing strategy", drop("strategy")),
+        ("extra key", lambda s: s.__setitem__("extra", 1)),
+        ("wrong version", lambda s: s.__setitem__("version", 2)),
+        ("version as bool", lambda s: s.__setitem__("version", True)),
+        ("unknown strategy", lambda s: s.__setitem__("strategy", "fastest")),
+        ("negative total", lambda s: s.__setitem__("total_requests", -1)),
+        ("indexers not a list", lambda s: s.__setitem__("indexers", {})),
+        ("row not a dict", lambda s: s["indexers"].append("i3")),
+        ("bad id", row("id", "no spaces allowed")),
+        ("bad address", row("address", "127.0.0.1:7401")),
+        ("zero capacity", row("capacity", 0)),
+        ("float capacity", row("capacity", 2.5)),
+        ("bool load", row("reported_load", False)),
+        ("bad state", row("state", "asleep")),
+        ("zone not a string", row("zone", 5)),
+        ("served negative", row("served", -1)),
+        ("missing errors", lambda s: s["indexers"][0].pop("errors")),
+        ("duplicate id", lambda s: s["indexers"].append(dict(s["indexers"][0]))),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "mutate"), _mutations(), ids=[m[0] for m in _mutations()]
+)
+def test_restore_rejects_wrong_shapes(clock: FakeClock, case: str, mutate: Any) -> None:
+    snapshot = populated(clock).snapshot()
+    broken = copy.deepcopy(snapshot)
+    mutate(broken)
+
+    target = make(clock)
+    add(target, "keep")
+    with pytest.raises(ValueError, match=r"^snapshot"):
+        target.restore(broken)
+    assert [e.id for e in target.entries()] == ["keep"]  # nothing changed
+
+
+def test_restore_rejects_non_objects(clock: FakeClock) -> None:
+    registry = make(clock)
+    values: list[Any] = [None, [], "state", 3]
+    for value in values:
+        with pytest.raises(ValueError, match="snapshot: expected an object"):
+            registry.restore(value)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_pick_can_exclude_indexers_already_tried(clock: FakeClock, name: str) -> None:
+    registry = make(clock, strategy=name)
+    add(registry, "i1", "i2", "i3")
+    registry.report("i1", 0, "serving")
+    registry.report("i2", 9, "serving")
+    registry.report("i3", 9, "serving")
+
+    for _ in range(30):
+        entry = registry.pick("read", exclude={"i1"})
+        assert entry is not None and entry.id in ("i2", "i3")
+    assert registry.pick("read", exclude={"i1", "i2", "i3"}) is None
+    assert registry.healthy_count() == 3
+    if name == "least_load":
+        assert registry.pick("read").id == "i1"  # type: ignore[union-attr]
+
+
+def test_status_and_routing_table_shapes(clock: FakeClock) -> None:
+    registry = make(clock)
+    add(registry, "i1")
+    registry.report("i1", 2, "serving", served=10)
+    before = registry.generation
+    registry.finish(registry.begin("i1"), True, 0.0019)
+    assert registry.generation > before
+    assert registry.effective_load(registry.get("i1")) == 2  # type: ignore[arg-type]
+
+    clock.advance(1)
+    assert registry.status() == {
+        "healthy_indexers": 1,
+        "total_indexers": 1,
+        "total_requests": 10,
+        "routed_requests": 1,
+        "strategy": "least_load",
+        "indexers": [
+            {
+                "id": "i1",
+                "address": addr(7401),
+                "zone": None,
+                "capacity": 10,
+                "current_load": 2,
+                "load_percentage": 20.0,
+                "healthy": True,
+                "state": "serving",
+                "health_reason": "report 1.0 s ago",
+                "last_report_age_s": 1.0,
+                "requests": 10,
+                "routed": 1,
+                "errors": 0,
+                "latency_ms": {"p50": 1.9, "p99": 1.9},
+            }
+        ],
+    }
+    table = registry.routing_table()
+    assert table == {
+        "version": registry.version,
+        "strategy": "least_load",
+        "indexers": [
+            {
+                "id": "i1",
+                "address": addr(7401),
+                "capacity": 10,
+                "load": 2,
+                "state": "serving",
+                "healthy": True,
+                "zone": None,
+            }
+        ],
+    }
+
+
+def test_replaced_processes_are_remembered_for_forget_after(clock: FakeClock) -> None:
+    registry = make(clock, forget_after=100.0)
+    registry.register("i1", addr(7401), 10, instance="old")
+    registry.register("i1", addr(7402), 10, instance="new")
+    registry.unregister("i1")
+    clock.advance(99)
+    registry.tick()
+    assert error_of(registry.report, "i1", 0, "serving", instance="old")[0] == 409
+    clock.advance(1)
+    registry.tick()
+    assert error_of(registry.report, "i1", 0, "serving", instance="old")[0] == 404
+
+    # A process that registers again is no longer taken for a replaced one.
+    registry.register("i1", addr(7401), 10, instance="a")
+    registry.register("i1", addr(7401), 10, instance="b")
+    registry.register("i1", addr(7401), 10, instance="a")
+    assert registry.report("i1", 1, "serving", instance="a").instance == "a"
+    assert error_of(registry.report, "i1", 0, "serving", instance="b")[0] == 409
