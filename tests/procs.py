@@ -6,13 +6,19 @@ Each process logs to a file in the test's tmp directory; readiness is the
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 STARTED = re.compile(r"(indexer|balancer)\.started .*?\burl=(\S+)")
 
@@ -118,3 +124,25 @@ class Procs:
     def close(self) -> None:
         for proc in self.all:
             proc.kill()
+
+
+async def request(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, Any]:
+    """(status, decoded JSON body or None, headers) of one HTTP call."""
+    async with http.request(method, url, **kwargs) as response:
+        raw = await response.read()
+        body = json.loads(raw) if raw else None
+        return response.status, body, response.headers
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within: float = 15.0, every: float = 0.05
+) -> float:
+    """Wait until ``check`` holds; returns the seconds it took."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(every)
+    return time.monotonic() - started

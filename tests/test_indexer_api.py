@@ -5,32 +5,23 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from procs import Procs
+from procs import Procs, request
 
 LOAD = re.compile(r"^\d+/\d+$")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(
     http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
 ) -> tuple[int, Any, Any]:
-    async with http.request(method, url, **kwargs) as response:
-        assert LOAD.match(response.headers["P2PLB-Load"]), response.headers
-        body = (
-            await response.json(content_type=None) if response.content_length else None
-        )
-        return response.status, body, response.headers
+    """One call to an indexer, which must put its load on every answer."""
+    answer = await request(http, method, url, **kwargs)
+    assert LOAD.match(answer[2]["P2PLB-Load"]), answer[2]
+    return answer
 
 
 async def test_whole_index_api(procs: Procs, http: aiohttp.ClientSession) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -33,7 +34,9 @@ def _ms(value: Any) -> str:
 def print_status(
     balancer: str, status: dict[str, Any], console: Console | None = None
 ) -> None:
-    console = console or Console()
+    # Off a terminal (a pipe, a file) rich would wrap at 80 columns; a status
+    # table is read whole, so let it be as wide as it needs.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     title = (
         f"{balancer}  strategy={status.get('strategy')}  "
         f"healthy={status.get('healthy_indexers')}/{status.get('total_indexers')}  "

@@ -1,0 +1,409 @@
+"""The balancer server: registry API, routing, statistics, proxy, persistence.
+
+Rules of this module:
+
+* Decisions belong to ``Registry`` (and the health and strategy classes under
+  it); this module only connects them to HTTP, timers and the state file.
+* Three background loops run beside the server: ``tick`` (report staleness,
+  ejection expiry, forgetting), ``probe`` (active ``/healthz`` checks) and
+  ``persist`` (the state file).  Each survives its own errors: a failed probe
+  round or save is logged and retried on the next interval.
+* Every change of an indexer's health is logged as ``indexer.healthy`` or
+  ``indexer.unhealthy`` with its reason, and counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from p2plb.config import BalancerConfig
+from p2plb.errors import RequestError
+from p2plb.health import HealthChange, HealthPolicy
+from p2plb.metrics import CONTENT_TYPE, Metrics
+from p2plb.proxy import Proxy, parse_load_header
+from p2plb.registry import Entry, Registry
+from p2plb.state import StateFileError, load_state, save_state, set_aside
+from p2plb.web import error_middleware, json_response, read_body, reject_unknown_query
+from p2plb.wire import (
+    LoadBody,
+    RegisterBody,
+    StrategyBody,
+    check_indexer_id,
+    check_name,
+    decode_body,
+)
+
+__all__ = ["Balancer", "run_balancer"]
+
+logger = logging.getLogger(__name__)
+
+_ROUTE_QUERY = frozenset({"index", "op"})
+_NO_QUERY: frozenset[str] = frozenset()
+_OPS = ("read", "write")
+
+
+class Balancer:
+    def __init__(self, config: BalancerConfig, *, rng: random.Random | None = None):
+        self.config = config
+        self.started = time.monotonic()
+        self.registry = Registry(
+            clock=time.monotonic,
+            rng=rng or random.Random(),
+            policy=HealthPolicy(
+                unhealthy_after=config.unhealthy_after,
+                probe_rise=config.probe_rise,
+                probe_fall=config.probe_fall,
+            ),
+            strategy=config.strategy,
+            forget_after=config.forget_after,
+        )
+        self.metrics = Metrics(self.registry)
+        self.proxy = Proxy(
+            self.registry,
+            timeout=config.proxy_timeout,
+            retries=config.proxy_retries,
+            max_body_size=config.max_body_size,
+            observe=self._observe_proxy,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probe_session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Load the state file; a damaged one is set aside and we start empty."""
+        path = self.config.state_file
+        try:
+            document = load_state(path)
+            if document is None:
+                logger.info("state.none path=%s; starting empty", path)
+                return
+            self.registry.restore(document.get("registry"))
+        except (StateFileError, ValueError) as exc:
+            set_aside(path, str(exc))
+            return
+        logger.info(
+            "state.restored path=%s indexers=%d strategy=%s",
+            path,
+            len(self.registry),
+            self.registry.strategy,
+        )
+        if self.registry.strategy != self.config.strategy:
+            logger.info(
+                "balancer.strategy_restored strategy=%s flag=%s",
+                self.registry.strategy,
+                self.config.strategy,
+            )
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        self._probe_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.probe_timeout),
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+        )
+        # Probe restored indexers at once, so routing resumes without waiting
+        # for their next report.
+        await self._probe_all()
+        self._tasks = [
+            asyncio.create_task(self._every(self._tick_interval(), self._tick, "tick")),
+            asyncio.create_task(
+                self._every(self.config.probe_interval, self._probe_all, "probe")
+            ),
+            asyncio.create_task(
+                self._every(self.config.persist_interval, self.save, "persist")
+            ),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.proxy.close()
+        if self._probe_session is not None:
+            await self._probe_session.close()
+        await self.save()
+
+    async def save(self) -> None:
+        payload = {"registry": self.registry.snapshot()}
+        try:
+            await asyncio.to_thread(save_state, self.config.state_file, payload)
+        except OSError as exc:
+            logger.error(
+                "state.save_failed path=%s error=%s; the previous state file is intact",
+                self.config.state_file,
+                exc.strerror or exc,
+            )
+            return
+        logger.debug(
+            "state.saved path=%s indexers=%d",
+            self.config.state_file,
+            len(self.registry),
+        )
+
+    def _tick_interval(self) -> float:
+        return max(0.05, min(1.0, self.config.unhealthy_after / 4))
+
+    async def _every(
+        self, interval: float, step: Callable[[], Awaitable[None]], name: str
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except Exception:
+                logger.exception("balancer.loop_failed loop=%s", name)
+
+    async def _tick(self) -> None:
+        self._log_changes(self.registry.tick())
+
+    def _log_changes(self, changes: list[HealthChange]) -> None:
+        changes = changes + self.registry.drain_changes()
+        for change in changes:
+            if change.removed or change.refused:
+                event = "forgotten" if change.removed else "ejection_refused"
+                logger.warning(
+                    "indexer.%s id=%s reason=%s", event, change.id, change.reason
+                )
+                continue
+            if change.healthy:
+                logger.info("indexer.healthy id=%s reason=%s", change.id, change.reason)
+            else:
+                logger.warning(
+                    "indexer.unhealthy id=%s reason=%s", change.id, change.reason
+                )
+            self.metrics.health_transitions.labels(
+                "healthy" if change.healthy else "unhealthy"
+            ).inc()
+
+    async def _probe_all(self) -> None:
+        entries = self.registry.entries()
+        if not entries:
+            return
+        limit = asyncio.Semaphore(128)
+
+        async def probe(entry: Entry) -> None:
+            async with limit:
+                ok, detail = await self._probe(entry)
+            if self.registry.get(entry.id) is entry:
+                self.registry.probe_result(entry.id, ok, detail)
+
+        await asyncio.gather(*(probe(e) for e in entries))
+        self._log_changes([])
+
+    async def _probe(self, entry: Entry) -> tuple[bool, str]:
+        assert self._probe_session is not None
+        try:
+            async with self._probe_session.get(f"{entry.address}/healthz") as response:
+                await response.read()
+                parsed = parse_load_header(response.headers.get("P2PLB-Load"))
+                if parsed is not None and response.status == 200:
+                    self.registry.observe_load(entry.id, parsed[0], parsed[1])
+                if response.status == 200:
+                    return True, "probe ok"
+                return False, f"probe answered HTTP {response.status}"
+        except TimeoutError:
+            return False, "probe timed out"
+        except aiohttp.ClientError as exc:
+            return False, f"probe failed: {_short(exc)}"
+
+    def _observe_proxy(self, indexer_id: str, seconds: float, ok: bool) -> None:
+        self.metrics.proxy_latency.labels("ok" if ok else "error").observe(seconds)
+        self.metrics.route_decisions.labels(self.registry.strategy, "proxy").inc()
+
+    # -- the HTTP API --------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[error_middleware], client_max_size=self.config.max_body_size
+        )
+        add = app.router
+        add.add_get("/healthz", self.healthz)
+        add.add_get("/metrics", self.get_metrics)
+        add.add_post("/v1/indexers", self.register)
+        add.add_get("/v1/indexers", self.list_indexers)
+        add.add_delete("/v1/indexers/{id}", self.unregister)
+        add.add_put("/v1/indexers/{id}/load", self.report)
+        add.add_get("/v1/route", self.route)
+        add.add_get("/v1/routing-table", self.routing_table)
+        add.add_get("/v1/status", self.status)
+        add.add_get("/v1/strategy", self.get_strategy)
+        add.add_put("/v1/strategy", self.put_strategy)
+        # The index API, proxied.
+        add.add_get("/v1/indices", self._forward("read"))
+        add.add_get("/v1/indices/{name}", self._forward("read"))
+        add.add_post("/v1/indices/{name}/items", self._forward("write"))
+        add.add_post("/v1/indices/{name}/items/remove", self._forward("write"))
+        add.add_delete("/v1/indices/{name}/items", self._forward("write"))
+        return app
+
+    def _forward(self, op: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def forward(request: web.Request) -> web.Response:
+            return await self.proxy.forward(request, op=op)
+
+        return forward
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        body = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def register(self, request: web.Request) -> web.Response:
+        raw = await read_body(request, self.config.max_body_size)
+        body = decode_body(raw, RegisterBody).check()
+
+        entry, created = self.registry.register(
+            body.id, body.address, body.capacity, zone=body.zone, instance=body.instance
+        )
+
+        logger.info(
+            "indexer.registered id=%s address=%s capacity=%d new=%s",
+            entry.id,
+            entry.address,
+            entry.capacity,
+            created,
+        )
+        answer = self._entry_json(entry) | {"peers": self._peers(entry.id)}
+        return json_response(answer, status=201 if created else 200)
+
+    async def unregister(self, request: web.Request) -> web.Response:
+        indexer_id = check_indexer_id(request.match_info["id"])
+        entry = self.registry.unregister(indexer_id)
+        logger.info("indexer.unregistered id=%s address=%s", entry.id, entry.address)
+        return web.Response(status=204)
+
+    async def report(self, request: web.Request) -> web.Response:
+        indexer_id = check_indexer_id(request.match_info["id"])
+        raw = await read_body(request, self.config.max_body_size)
+        body = decode_body(raw, LoadBody).check()
+
+        self.registry.report(
+            indexer_id,
+            body.load,
+            body.state,
+            served=body.served,
+            address=body.address,
+            instance=body.instance,
+        )
+
+        return json_response({"peers": self._peers(indexer_id)})
+
+    async def list_indexers(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        entries = [self._entry_json(e) for e in self.registry.entries()]
+        return json_response({"indexers": entries})
+
+    async def route(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _ROUTE_QUERY)
+        op = request.query.get("op", "read")
+        if op not in _OPS:
+            raise RequestError(
+                400, "invalid_field", f'op: must be "read" or "write", got {op!r}'
+            )
+        if "index" in request.query:
+            check_name(request.query["index"], field="index")
+
+        entry = self.registry.route(op)
+
+        self.metrics.route_decisions.labels(self.registry.strategy, "lookaside").inc()
+        return json_response({"id": entry.id, "address": entry.address})
+
+    async def routing_table(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        return json_response(self.registry.routing_table())
+
+    async def status(self, request: web.Request) -> web.Response:
+        reject_unknown_query(request, _NO_QUERY)
+        return json_response(self.status_json())
+
+    def status_json(self) -> dict[str, Any]:
+        status = self.registry.status()
+        indexers = status.pop("indexers")
+        status["uptime_seconds"] = round(time.monotonic() - self.started, 1)
+        status["strategy"] = status.pop("strategy")
+        status["indexers"] = indexers
+        return status
+
+    async def get_strategy(self, request: web.Request) -> web.Response:
+        return json_response({"strategy": self.registry.strategy})
+
+    async def put_strategy(self, request: web.Request) -> web.Response:
+        raw = await read_body(request, self.config.max_body_size)
+        body = decode_body(raw, StrategyBody)
+
+        previous = self.registry.strategy
+        self.registry.set_strategy(body.strategy)
+
+        logger.info("balancer.strategy_changed from=%s to=%s", previous, body.strategy)
+        return json_response({"strategy": self.registry.strategy})
+
+    def _entry_json(self, entry: Entry) -> dict[str, Any]:
+        return {
+            "id": entry.id,
+            "address": entry.address,
+            "capacity": entry.capacity,
+            "zone": entry.zone,
+            "instance": entry.instance,
+            "state": entry.state,
+            "healthy": entry.health.healthy,
+            "health_reason": entry.health.describe(time.monotonic()),
+            "load": entry.load,
+        }
+
+    def _peers(self, indexer_id: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": e.id,
+                "address": e.address,
+                "state": e.state,
+                "healthy": e.health.healthy,
+            }
+            for e in self.registry.entries()
+            if e.id != indexer_id
+        ]
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
+    return str(exc) or type(exc).__name__
+
+
+async def run_balancer(config: BalancerConfig) -> None:
+    """Restore, serve until a signal, then save the state (design.md)."""
+    from p2plb.lifecycle import bind, run_server
+
+    listener = bind(config.host, config.port)
+    balancer = Balancer(config)
+    balancer.restore()
+
+    async def started() -> None:
+        await balancer.start()
+        logger.info(
+            "balancer.started url=%s strategy=%s state_file=%s indexers=%d",
+            listener.url,
+            balancer.registry.strategy,
+            config.state_file,
+            len(balancer.registry),
+        )
+
+    async def stopped() -> None:
+        await balancer.stop()
+        logger.info("balancer.stopped state_file=%s", config.state_file)
+
+    await run_server(
+        balancer.make_app(),
+        listener,
+        shutdown_timeout=config.shutdown_timeout,
+        on_started=started,
+        after_stop=stopped,
+    )

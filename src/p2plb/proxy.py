@@ -1,0 +1,215 @@
+"""The balancer as a proxy: the index API forwarded to the chosen indexer.
+
+Rules of this module:
+
+* The request body is read (bounded) before the first attempt, so a failed
+  attempt can be replayed on another indexer: every index operation is
+  idempotent (design.md "Request paths").
+* An attempt fails over to another indexer on a connection error, a timeout, a
+  truncated answer, ``503 overloaded`` / ``503 replica_behind`` (load signals)
+  and other 5xx (health signals).  A 4xx is the caller's mistake and is passed
+  on at once.
+* A truncated answer is never passed on as a success: the body is read whole
+  before the status is sent back.
+* Each answer's ``P2PLB-Load`` header updates the registry's view of that
+  indexer, which is fresher than its last report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from p2plb.errors import NoHealthyIndexer
+from p2plb.registry import Registry
+from p2plb.web import read_body
+
+__all__ = ["LOAD_HEADER", "MIN_VERSION_HEADER", "Proxy", "parse_load_header"]
+
+logger = logging.getLogger(__name__)
+
+LOAD_HEADER = "P2PLB-Load"
+MIN_VERSION_HEADER = "P2PLB-Min-Version"
+INDEXER_HEADER = "P2PLB-Indexer"
+
+# Answers that say "try another indexer" without saying this one is broken.
+_LOAD_SIGNALS = frozenset({"overloaded", "replica_behind"})
+_PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER)
+
+
+def parse_load_header(value: str | None) -> tuple[int, int] | None:
+    """``"12/64"`` -> ``(12, 64)``; ``None`` for anything malformed."""
+    if not value:
+        return None
+    load, _, capacity = value.partition("/")
+    if not (load.isdigit() and capacity.isdigit()):
+        return None
+    parsed = (int(load), int(capacity))
+    return parsed if parsed[1] >= 1 else None
+
+
+class Proxy:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        timeout: float,
+        retries: int,
+        max_body_size: int,
+        observe: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.timeout = timeout
+        self.retries = retries
+        self.max_body_size = max_body_size
+        self.observe = observe
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # Keep-alive shorter than aiohttp's server default (75 s) so the proxy,
+        # not the indexer, closes an idle connection: a request never lands on
+        # a socket the indexer is closing at the same moment.
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=256,
+            keepalive_timeout=30,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(self, request: web.Request, *, op: str) -> web.Response:
+        """Send ``request`` to an indexer, failing over up to ``retries`` times."""
+        body = (
+            await read_body(request, self.max_body_size)
+            if request.can_read_body
+            else b""
+        )
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json")
+        }
+        min_version = request.headers.get(MIN_VERSION_HEADER)
+        if min_version:
+            headers[MIN_VERSION_HEADER] = min_version
+
+        tried: set[str] = set()
+        failures: list[str] = []
+        last_answer: web.Response | None = None
+        for _ in range(1 + self.retries):
+            entry = self.registry.pick(op, exclude=tried)
+            if entry is None:
+                break
+            tried.add(entry.id)
+            outcome = await self._attempt(
+                entry.id, entry.address, request, body, headers
+            )
+            if isinstance(outcome, str):
+                failures.append(f"{entry.id} ({outcome})")
+                continue
+            answer, final = outcome
+            if final:
+                return answer
+            last_answer = answer
+            failures.append(f"{entry.id} (HTTP {answer.status})")
+
+        if last_answer is not None:
+            return last_answer
+        detail = "; tried " + ", ".join(failures) if failures else ""
+        raise NoHealthyIndexer(f"no healthy indexer could serve the request{detail}")
+
+    async def _attempt(
+        self,
+        indexer_id: str,
+        address: str,
+        request: web.Request,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> tuple[web.Response, bool] | str:
+        """One try: (answer, final) or a sentence saying why it failed."""
+        assert self._session is not None
+        token = self.registry.begin(indexer_id)
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                request.method, address + request.path_qs, data=body, headers=headers
+            ) as upstream:
+                payload = await upstream.read()
+                status = upstream.status
+                passed = {
+                    k: upstream.headers[k]
+                    for k in _PASSED_HEADERS
+                    if k in upstream.headers
+                }
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            detail = _describe(exc)
+            elapsed = time.perf_counter() - started
+            self.registry.finish(token, ok=False, latency_s=elapsed, detail=detail)
+            logger.info(
+                "proxy.attempt_failed indexer=%s path=%s error=%s",
+                indexer_id,
+                request.path,
+                detail,
+            )
+            return detail
+        except BaseException:
+            # The caller went away: not the indexer's fault.
+            self.registry.finish(token, ok=True, latency_s=0.0)
+            raise
+        elapsed = time.perf_counter() - started
+
+        # Health counts only what says the indexer is broken: a 503 for load or
+        # a 4xx for a bad request is the indexer working as designed.
+        self._note_load(indexer_id, passed.get(LOAD_HEADER))
+        load_signal = status == 503 and _error_code(payload) in _LOAD_SIGNALS
+        broken = status >= 500 and not load_signal
+        detail = f"HTTP {status}" if broken else ""
+        self.registry.finish(token, ok=not broken, latency_s=elapsed, detail=detail)
+        if self.observe is not None:
+            self.observe(indexer_id, elapsed, not broken)
+
+        passed[INDEXER_HEADER] = indexer_id
+        answer = web.Response(body=payload, status=status, headers=passed)
+        return answer, status < 500
+
+    def _note_load(self, indexer_id: str, header: str | None) -> None:
+        parsed = parse_load_header(header)
+        if parsed is not None:
+            self.registry.observe_load(indexer_id, parsed[0], parsed[1])
+
+
+def _error_code(payload: bytes) -> str | None:
+    try:
+        document: Any = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        code = document["error"].get("code")
+        return code if isinstance(code, str) else None
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "truncated answer"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected"
+    return str(exc) or type(exc).__name__
