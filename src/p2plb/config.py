@@ -262,6 +262,43 @@ INDEXER_SETTINGS: tuple[Setting, ...] = (
         2.0,
         "How long to keep serving after unregistering on shutdown.",
     ),
+    Setting(
+        "peer",
+        _parse_urls,
+        (),
+        "Another indexer to replicate with, besides those the balancers list.",
+        many=True,
+    ),
+    Setting(
+        "sync_timeout",
+        parse_duration,
+        10.0,
+        "On start, serve anyway if no serving peer helped catch up by then.",
+    ),
+    Setting(
+        "write_timeout",
+        parse_duration,
+        2.0,
+        "How long a write waits for a second copy before 503 insufficient_replicas.",
+    ),
+    Setting(
+        "read_wait",
+        parse_duration,
+        1.0,
+        "How long a read waits to catch up to P2PLB-Min-Version before 503.",
+    ),
+    Setting(
+        "anti_entropy_interval",
+        parse_duration,
+        3.0,
+        "How often digests are compared with a random peer.",
+    ),
+    Setting(
+        "membership_interval",
+        parse_duration,
+        1.0,
+        "How often the list of registered indexers is fetched from a balancer.",
+    ),
 )
 
 BALANCER_SETTINGS: tuple[Setting, ...] = (
@@ -353,6 +390,12 @@ class IndexerConfig(_ServerConfig):
     balancer: tuple[str, ...]
     report_interval: float
     drain_period: float
+    peer: tuple[str, ...]
+    sync_timeout: float
+    write_timeout: float
+    read_wait: float
+    anti_entropy_interval: float
+    membership_interval: float
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from typing import IO, Any
 from aiohttp import web
 
 from p2plb.config import IndexerConfig
-from p2plb.errors import ConfigError, RequestError, StorageError
-from p2plb.hlc import format_version
+from p2plb.errors import ConfigError, ReplicaBehind, RequestError, StorageError
+from p2plb.hlc import format_version, parse_version
 from p2plb.limiter import Limiter
+from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.reporter import Reporter
-from p2plb.storage import Storage
+from p2plb.storage import BUCKETS, Storage
 from p2plb.web import (
     error_middleware,
     error_response,
@@ -42,6 +43,9 @@ __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Indexer", "LOAD_HEADER"]
 logger = logging.getLogger(__name__)
 
 LOAD_HEADER = "P2PLB-Load"
+MIN_VERSION_HEADER = "P2PLB-Min-Version"
+# A push between indexers may carry a large batch; it is not a public request.
+_REPLICATION_BODY = 256 * 1024 * 1024
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 
@@ -53,15 +57,21 @@ STORAGE_KEY = web.AppKey("storage", Storage)
 
 
 class Indexer:
-    """One indexer: its storage, its admission control and its HTTP handlers."""
+    """One indexer: storage, replication, admission control, HTTP handlers."""
 
-    def __init__(self, config: IndexerConfig, storage: Storage) -> None:
+    def __init__(
+        self, config: IndexerConfig, storage: Storage, replicator: Replicator
+    ) -> None:
         self.config = config
         self.storage = storage
+        self.replicator = replicator
         self.limiter = Limiter(config.capacity, config.queue_limit)
-        self.state = "serving"
         self.served = 0
         self.url = config.advertise_url or ""
+
+    @property
+    def state(self) -> str:
+        return self.replicator.state
 
     @property
     def load(self) -> int:
@@ -88,8 +98,8 @@ class Indexer:
         app.on_response_prepare.append(self._add_load_header)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/load", self.get_load)
-        app.router.add_get("/v1/indices", self._limited(self.list_indices))
-        app.router.add_get("/v1/indices/{name}", self._limited(self.get_index))
+        app.router.add_get("/v1/indices", self._reader(self.list_indices))
+        app.router.add_get("/v1/indices/{name}", self._reader(self.get_index))
         app.router.add_post("/v1/indices/{name}/items", self._limited(self.add_items))
         app.router.add_post(
             "/v1/indices/{name}/items/remove", self._limited(self.remove_items)
@@ -97,6 +107,11 @@ class Indexer:
         app.router.add_delete(
             "/v1/indices/{name}/items", self._limited(self.delete_item)
         )
+        # Between indexers: never behind the capacity limit.
+        app.router.add_post("/internal/v1/push", self.push)
+        app.router.add_get("/internal/v1/summary", self.summary)
+        app.router.add_get("/internal/v1/buckets", self.buckets)
+        app.router.add_get("/internal/v1/bucket", self.bucket)
         return app
 
     async def _add_load_header(
@@ -112,6 +127,34 @@ class Indexer:
             return response
 
         return limited
+
+    def _reader(self, handler: Any) -> Any:
+        """A read: wait to catch up to P2PLB-Min-Version first, outside the limit.
+
+        Waiting inside the limit would hold a slot that a request ready to be
+        served could use.
+        """
+        limited = self._limited(handler)
+
+        async def read(request: web.Request) -> web.StreamResponse:
+            raw = request.headers.get(MIN_VERSION_HEADER)
+            if raw is not None:
+                try:
+                    version = parse_version(raw.strip())
+                except ValueError as exc:
+                    raise RequestError(
+                        400, "invalid_field", f"{MIN_VERSION_HEADER}: {exc}"
+                    ) from None
+                if not await self.replicator.caught_up(version):
+                    raise ReplicaBehind(
+                        f"indexer {self.config.id} has not caught up to version "
+                        f"{raw.strip()} yet; try another indexer",
+                        retry_after=1,
+                    )
+            response: web.StreamResponse = await limited(request)
+            return response
+
+        return read
 
     # -- health and load: never behind the limiter ---------------------------------
 
@@ -141,6 +184,7 @@ class Indexer:
         items = body.values()
 
         result = await self.storage.add(name, items)
+        await self.replicator.replicate(result.version)
 
         logger.debug(
             "index.added name=%s items=%d new=%d", name, len(items), result.changed
@@ -168,6 +212,7 @@ class Indexer:
 
     async def _remove(self, name: str, items: list[str]) -> web.Response:
         result = await self.storage.remove(name, items)
+        await self.replicator.replicate(result.version)
         logger.debug(
             "index.removed name=%s items=%d gone=%d", name, len(items), result.changed
         )
@@ -194,6 +239,32 @@ class Indexer:
     async def list_indices(self, request: web.Request) -> web.Response:
         reject_unknown_query(request, _NO_QUERY)
         return json_response({"indices": await self.storage.list_indices()})
+
+    # -- replication between indexers ------------------------------------------------
+
+    async def push(self, request: web.Request) -> web.Response:
+        self.replicator.authorize(request.headers.get("Authorization"))
+        body = await read_body(request, _REPLICATION_BODY)
+        return json_response(await self.replicator.receive_push(body))
+
+    async def summary(self, request: web.Request) -> web.Response:
+        self.replicator.authorize(request.headers.get("Authorization"))
+        return json_response(await self.replicator.summary())
+
+    async def buckets(self, request: web.Request) -> web.Response:
+        self.replicator.authorize(request.headers.get("Authorization"))
+        index = check_name(request.query.get("index", ""), field="index")
+        return json_response(await self.replicator.buckets(index))
+
+    async def bucket(self, request: web.Request) -> web.Response:
+        self.replicator.authorize(request.headers.get("Authorization"))
+        index = check_name(request.query.get("index", ""), field="index")
+        raw = request.query.get("bucket", "")
+        if not raw.isdigit() or int(raw) >= BUCKETS:
+            raise RequestError(
+                400, "invalid_field", f"bucket: must be 0 to {BUCKETS - 1}, got {raw!r}"
+            )
+        return json_response(await self.replicator.bucket(index, int(raw)))
 
 
 def _page_limit(raw: str | None) -> int:
@@ -254,14 +325,28 @@ async def run_indexer(config: IndexerConfig) -> None:
     url = advertise_url(config, listener.url, is_wildcard(config.host))
     lock = _lock_data_dir(config.data_dir)
     storage = Storage(f"{config.data_dir}/index.sqlite3", config.id)
+    replicator = Replicator(
+        config.id,
+        storage,
+        settings=ReplicationSettings(
+            anti_entropy=config.anti_entropy_interval,
+            write_timeout=config.write_timeout,
+            read_wait=config.read_wait,
+            sync_timeout=config.sync_timeout,
+        ),
+        token=config.cluster_token,
+        static_peers=config.peer,
+    )
+    storage.on_commit = replicator.on_commit
     try:
         await storage.open()
     except BaseException:
         listener.sock.close()
         lock.close()
         raise
-    indexer = Indexer(config, storage)
+    indexer = Indexer(config, storage, replicator)
     indexer.url = url
+    replicator.address = url
     reporter = Reporter(
         indexer_id=config.id,
         address=url,
@@ -270,8 +355,11 @@ async def run_indexer(config: IndexerConfig) -> None:
         balancers=config.balancer,
         interval=config.report_interval,
         load_report=indexer.load_report,
+        on_peers=replicator.set_members,
+        membership_interval=config.membership_interval,
         token=config.cluster_token,
     )
+    replicator.on_state = reporter.kick
 
     async def started() -> None:
         logger.info(
@@ -282,6 +370,7 @@ async def run_indexer(config: IndexerConfig) -> None:
             config.capacity,
             config.data_dir,
         )
+        await replicator.start(expect_members=bool(config.balancer))
         await reporter.start()
 
     async def draining() -> None:
@@ -295,6 +384,7 @@ async def run_indexer(config: IndexerConfig) -> None:
 
     async def closed() -> None:
         await reporter.stop()
+        await replicator.stop()
         await storage.close()
         lock.close()
         logger.info("indexer.stopped id=%s served=%d", config.id, indexer.served)

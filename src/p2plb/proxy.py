@@ -69,6 +69,7 @@ class Proxy:
         self.retries = retries
         self.max_body_size = max_body_size
         self.observe = observe
+        self.versions = _Versions()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -103,9 +104,14 @@ class Proxy:
         headers = {
             "Content-Type": request.headers.get("Content-Type", "application/json")
         }
-        min_version = request.headers.get(MIN_VERSION_HEADER)
-        if min_version:
-            headers[MIN_VERSION_HEADER] = min_version
+        index = request.match_info.get("name")
+        if op == "read":
+            # Read-your-writes for plain HTTP callers: ask for at least the
+            # newest version this proxy acknowledged on that index.
+            asked = request.headers.get(MIN_VERSION_HEADER)
+            wanted = self.versions.floor(index, asked)
+            if wanted:
+                headers[MIN_VERSION_HEADER] = wanted
 
         tried: set[str] = set()
         failures: list[str] = []
@@ -123,6 +129,8 @@ class Proxy:
                 continue
             answer, final = outcome
             if final:
+                if op == "write" and answer.status == 200 and index is not None:
+                    self.versions.acknowledged(index, answer.body)
                 return answer
             last_answer = answer
             failures.append(f"{entry.id} (HTTP {answer.status})")
@@ -213,3 +221,37 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "disconnected"
     return str(exc) or type(exc).__name__
+
+
+class _Versions:
+    """The newest version acknowledged per index, in bounded memory.
+
+    Versions are fixed-width hex, so string order is version order.  When the
+    map is full the oldest index is forgotten and its version folds into a
+    floor that every read then asks for: stricter than needed, never wrong.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self.newest: dict[str, str] = {}
+        self.floor_version = ""
+        self.overall = ""
+
+    def acknowledged(self, index: str, body: Any) -> None:
+        try:
+            version = msgspec.json.decode(body).get("version")
+        except (msgspec.DecodeError, AttributeError):
+            return
+        if not isinstance(version, str):
+            return
+        if version > self.newest.get(index, ""):
+            self.newest.pop(index, None)
+            self.newest[index] = version  # most recent last
+        self.overall = max(self.overall, version)
+        if len(self.newest) > self.limit:
+            oldest = next(iter(self.newest))
+            self.floor_version = max(self.floor_version, self.newest.pop(oldest))
+
+    def floor(self, index: str | None, asked: str | None) -> str:
+        known = self.overall if index is None else self.newest.get(index, "")
+        return max(known, self.floor_version, (asked or "").strip())

@@ -19,6 +19,7 @@ clients see it leave before its connections start being refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -47,6 +48,7 @@ class Reporter:
         interval: float,
         load_report: Callable[[], dict[str, Any]],
         on_peers: Callable[[list[dict[str, Any]]], None] | None = None,
+        membership_interval: float = 1.0,
         token: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -58,6 +60,7 @@ class Reporter:
         self.interval = interval
         self.load_report = load_report
         self.on_peers = on_peers
+        self.membership_interval = membership_interval
         self.superseded = False
         self._headers = dict(_JSON)
         if token:
@@ -66,12 +69,26 @@ class Reporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._registered: set[str] = set()
+        self._kicked = asyncio.Event()
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(2.0, min(self.interval, 5.0)))
         self._session = aiohttp.ClientSession(timeout=timeout)
         for balancer in self.balancers:
             self._tasks.append(asyncio.create_task(self._run(balancer)))
+        if self.balancers and self.on_peers is not None:
+            self._tasks.append(asyncio.create_task(self._watch_members()))
+
+    def kick(self) -> None:
+        """Report now, not at the next interval: the state just changed."""
+        self._kicked.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kicked.wait(), seconds)
+        # Every loop wakes on the same kick: clear it once they had a chance.
+        await asyncio.sleep(0)
+        self._kicked.clear()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -125,7 +142,7 @@ class Reporter:
                 if not reachable:
                     logger.info("reporter.balancer_back balancer=%s", balancer)
                 reachable = True
-                await asyncio.sleep(self.interval * self._rng.uniform(0.9, 1.0))
+                await self._pause(self.interval * self._rng.uniform(0.9, 1.0))
             except (aiohttp.ClientError, TimeoutError, _Rejected) as exc:
                 if reachable:
                     logger.warning(
@@ -199,6 +216,29 @@ class Reporter:
             )
             return True
         raise _Rejected(f"load report answered {status}: {answer}")
+
+    async def _watch_members(self) -> None:
+        """Fetch the registered indexers every ``membership_interval``.
+
+        Replication needs a fresher view than the report interval gives: a
+        write counts the copies it needs from it (design.md "Durability").
+        """
+        assert self._session is not None
+        turn = 0
+        while True:
+            balancer = self.balancers[turn % len(self.balancers)]
+            try:
+                async with self._session.get(f"{balancer}/v1/indexers") as response:
+                    answer = await _json(response)
+                if response.status == 200 and isinstance(answer, dict):
+                    members = answer.get("indexers")
+                    if isinstance(members, list) and self.on_peers is not None:
+                        self.on_peers([m for m in members if isinstance(m, dict)])
+                else:
+                    turn += 1
+            except (aiohttp.ClientError, TimeoutError):
+                turn += 1  # try the next balancer
+            await asyncio.sleep(self.membership_interval)
 
     def _peers(self, answer: Any) -> None:
         if self.on_peers is None or not isinstance(answer, dict):

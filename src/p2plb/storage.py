@@ -26,12 +26,20 @@ Rules of this module:
 * Items sort by code point: SQLite's BINARY collation compares UTF-8 bytes,
   and UTF-8 byte order is code point order, which is how Python sorts ``str``.
 * Every sqlite3 error becomes ``StorageError``, naming the operation and path.
+* For replication, each entry also lands in a digest: per index and per one of
+  ``BUCKETS`` buckets of items, the XOR of the entries' hashes and their count,
+  kept up to date in the same transaction, so two replicas compare an index in
+  one number and find the differing bucket in a few more.
+* ``watermarks`` hold, per origin, a version up to which this replica holds every
+  operation that origin took (its own origin: the last commit).  They only
+  move forward, in the same transaction as the entries that justify them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import queue
 import sqlite3
@@ -46,7 +54,7 @@ from typing import Any, Generic, TypeVar
 from p2plb.errors import StorageError
 from p2plb.hlc import HybridLogicalClock, format_version
 
-__all__ = ["Op", "Page", "Storage", "WriteResult"]
+__all__ = ["BUCKETS", "Committed", "Op", "Page", "Storage", "WriteResult", "bucket_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +74,10 @@ CREATE TABLE IF NOT EXISTS entries (
     present INTEGER NOT NULL CHECK (present IN (0, 1)),
     version INTEGER NOT NULL,
     origin TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
     PRIMARY KEY (idx, item)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_bucket ON entries (idx, bucket);
 CREATE TABLE IF NOT EXISTS live (
     idx TEXT PRIMARY KEY,
     items INTEGER NOT NULL CHECK (items >= 0)
@@ -76,7 +86,23 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digests (
+    idx TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
+    hash INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    PRIMARY KEY (idx, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermarks (
+    origin TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+
+# Items of an index are spread over this many buckets for digests; the row with
+# bucket = INDEX_TOTAL holds the XOR of all of them.
+BUCKETS = 64
+INDEX_TOTAL = -1
 
 
 def _wall_ms() -> int:
@@ -108,6 +134,19 @@ class Op:
     present: bool
     version: int
     origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one group commit made durable, as the commit hook is told.
+
+    ``local`` are the operations this node originated, in version order;
+    ``version`` is the clock's last value at the commit: every local operation
+    up to it is in ``local`` of this or an earlier commit.
+    """
+
+    local: list[Op]
+    version: int
 
 
 class _Request(Generic[T]):
@@ -147,8 +186,16 @@ class Storage:
         node_id: str,
         *,
         wall_ms: Callable[[], int] = _wall_ms,
+        on_commit: Callable[[Committed], None] | None = None,
     ) -> None:
         self._path = Path(path)
+        self.on_commit = on_commit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Watermarks as of the last commit, read on the event loop only.
+        self.watermarks: dict[str, int] = {}
+        # Filled by the writer thread during a group, handed over at commit.
+        self._group_local: list[Op] = []
+        self._group_marks: dict[str, int] = {}
         self._node_id = node_id
         self._clock = HybridLogicalClock(wall_ms)
         # The clock's last value as of the last commit: what readers may rely on.
@@ -174,6 +221,7 @@ class Storage:
         """Create the directory and the schema, then start the threads."""
         if self._writer is not None or self._closing is not None:
             raise StorageError(f"storage at {self._path} was already opened")
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open_sync)
 
         self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="p2plb-read")
@@ -201,6 +249,7 @@ class Storage:
             indices, items = writer.execute(
                 "SELECT count(*), coalesce(sum(items), 0) FROM live"
             ).fetchone()
+            marks = dict(writer.execute("SELECT origin, version FROM watermarks"))
             for _ in range(_READERS):
                 reader = self._connect(opened)
                 reader.execute("PRAGMA query_only = ON")
@@ -217,6 +266,7 @@ class Storage:
         if last is not None:
             self._clock.observe(last[0])
         self._committed = self._clock.last
+        self.watermarks = marks | {self._node_id: self._committed}
         logger.info(
             "storage.opened path=%s indices=%d items=%d version=%s",
             self._path,
@@ -289,10 +339,9 @@ class Storage:
         def apply(conn: sqlite3.Connection) -> WriteResult:
             # One version for the whole batch: it is one request.
             version = self._clock.now()
-            deltas = [
-                _put(conn, Op(index, item, present, version, self._node_id))
-                for item in unique
-            ]
+            ops = [Op(index, item, present, version, self._node_id) for item in unique]
+            deltas = [_put(conn, op) for op in ops]
+            self._group_local.extend(ops)
             changed = sum(1 for delta in deltas if delta)
             _count(conn, {index: changed if present else -changed})
             logger.debug(
@@ -307,8 +356,21 @@ class Storage:
 
         return await self._write(f"{name} on index {index!r}", apply)
 
-    async def merge(self, ops: Sequence[Op]) -> list[Op]:
-        """Apply operations from other indexers; returns those that won."""
+    async def merge(
+        self,
+        ops: Sequence[Op],
+        *,
+        origin: str | None = None,
+        base: int | None = None,
+        upto: int | None = None,
+    ) -> list[Op]:
+        """Apply operations from other indexers; returns those that won.
+
+        With ``origin``, ``base`` and ``upto`` (an ordered stream from that
+        origin): if this replica already held every operation of ``origin`` up
+        to ``base``, and ``ops`` are all of them in ``(base, upto]``, the
+        watermark of ``origin`` moves to ``upto`` in the same transaction.
+        """
         for op in ops:
             if not 0 <= op.version <= MAX_STORED_VERSION:
                 raise StorageError(
@@ -325,8 +387,15 @@ class Storage:
                     applied.append(op)
                     deltas[op.index] = deltas.get(op.index, 0) + delta
             _count(conn, deltas)
-            if ops:
-                self._clock.observe(max(op.version for op in ops))
+            top = max((op.version for op in ops), default=0)
+            if upto is not None:
+                top = max(top, upto)
+            if top:
+                self._clock.observe(min(top, MAX_STORED_VERSION))
+            if origin is None or base is None or upto is None:
+                pass  # not an ordered stream: the watermarks stay
+            elif self._mark(conn, origin) >= base:
+                self._raise_mark(conn, origin, upto)
             logger.debug(
                 "storage.merge path=%s ops=%d applied=%d",
                 self._path,
@@ -336,6 +405,47 @@ class Storage:
             return applied
 
         return await self._write("merge", apply)
+
+    async def advance(self, marks: dict[str, int]) -> None:
+        """Raise watermarks to ``marks`` where they are higher (after a sync)."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            for origin, version in marks.items():
+                if origin != self._node_id:
+                    self._raise_mark(conn, origin, version)
+
+        await self._write("advance watermarks", apply)
+
+    async def tick(self) -> int:
+        """Commit a fresh clock value; every local write up to it is committed.
+
+        Replication sends it to peers as a heartbeat, so their watermark of
+        this node moves on even when it takes no writes.
+        """
+
+        def apply(conn: sqlite3.Connection) -> int:
+            return self._clock.now()
+
+        return await self._write("tick", apply)
+
+    def _mark(self, conn: sqlite3.Connection, origin: str) -> int:
+        if origin in self._group_marks:
+            return self._group_marks[origin]
+        row = conn.execute(
+            "SELECT version FROM watermarks WHERE origin = ?", (origin,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _raise_mark(self, conn: sqlite3.Connection, origin: str, version: int) -> None:
+        version = min(version, MAX_STORED_VERSION)
+        if version <= self._mark(conn, origin):
+            return
+        conn.execute(
+            "INSERT INTO watermarks (origin, version) VALUES (?, ?) "
+            "ON CONFLICT (origin) DO UPDATE SET version = excluded.version",
+            (origin, version),
+        )
+        self._group_marks[origin] = version
 
     async def _write(self, name: str, apply: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None or self._closing is not None:
@@ -368,6 +478,8 @@ class Storage:
         conn = self._writer_conn
         assert conn is not None
         outcomes: list[tuple[_Request[Any], object, BaseException | None]] = []
+        self._group_local = []
+        self._group_marks = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             for request in group:
@@ -401,16 +513,34 @@ class Storage:
             len(group),
             format_version(self._committed),
         )
+        # Before any answer: the loop runs callbacks in order, so whoever hears
+        # of a commit (replication) hears of it before the writer is answered.
+        if self._loop is not None:
+            committed = Committed(self._group_local, self._committed)
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(
+                    self._after_commit, committed, self._group_marks
+                )
         for request, result, error in outcomes:
             request.settle(result, error)
+
+    def _after_commit(self, committed: Committed, marks: dict[str, int]) -> None:
+        self.watermarks.update(marks)
+        self.watermarks[self._node_id] = committed.version
+        if self.on_commit is not None:
+            self.on_commit(committed)
 
     def _apply_one(
         self, conn: sqlite3.Connection, request: _Request[Any]
     ) -> tuple[object, BaseException | None]:
         conn.execute("SAVEPOINT request")
+        local_before = len(self._group_local)
+        marks_before = dict(self._group_marks)
         try:
             result = request.apply(conn)
         except Exception as exc:
+            del self._group_local[local_before:]
+            self._group_marks = marks_before
             conn.execute("ROLLBACK TO request")
             conn.execute("RELEASE request")
             logger.warning(
@@ -494,6 +624,57 @@ class Storage:
 
         return await self._read("scan", read)
 
+    async def summary(self) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """Watermarks and per-index digests ``{index: (hash, entries)}``, together.
+
+        Read in one snapshot, so a replica that comes to hold everything these
+        digests describe also holds everything the watermarks promise.
+        """
+
+        def read(conn: sqlite3.Connection) -> Any:
+            marks = dict(conn.execute("SELECT origin, version FROM watermarks"))
+            clock = conn.execute("SELECT value FROM meta WHERE key = 'clock'")
+            marks[self._node_id] = next((int(r[0]) for r in clock), 0)
+            digests = {
+                idx: (h, n)
+                for idx, h, n in conn.execute(
+                    "SELECT idx, hash, entries FROM digests WHERE bucket = ?",
+                    (INDEX_TOTAL,),
+                )
+            }
+            return marks, digests
+
+        result: tuple[dict[str, int], dict[str, tuple[int, int]]] = await self._read(
+            "summary", read, snapshot=True
+        )
+        return result
+
+    async def buckets(self, index: str) -> dict[int, tuple[int, int]]:
+        """The digests of one index, per bucket: ``{bucket: (hash, entries)}``."""
+
+        def read(conn: sqlite3.Connection) -> dict[int, tuple[int, int]]:
+            rows = conn.execute(
+                "SELECT bucket, hash, entries FROM digests "
+                "WHERE idx = ? AND bucket >= 0",
+                (index,),
+            )
+            return {b: (h, n) for b, h, n in rows}
+
+        return await self._read(f"buckets of index {index!r}", read)
+
+    async def scan_bucket(self, index: str, bucket: int) -> list[Op]:
+        """Every entry of one bucket of one index, tombstones included."""
+
+        def read(conn: sqlite3.Connection) -> list[Op]:
+            rows = conn.execute(
+                "SELECT item, present, version, origin FROM entries "
+                "WHERE idx = ? AND bucket = ?",
+                (index, bucket),
+            )
+            return [Op(index, item, bool(p), v, o) for item, p, v, o in rows]
+
+        return await self._read(f"scan of index {index!r}", read)
+
     async def check(self) -> None:
         """Read from the database; raises ``StorageError`` if it cannot."""
         if self._writer is None or self._closing is not None:
@@ -557,8 +738,20 @@ def _chained(message: str, cause: BaseException) -> StorageError:
     return error
 
 
+def bucket_of(item: str) -> int:
+    """The digest bucket of an item: stable across processes and machines."""
+    digest = hashlib.blake2b(item.encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+def _entry_hash(idx: str, item: str, present: int, version: int, origin: str) -> int:
+    text = f"{idx}\0{item}\0{present}\0{version}\0{origin}".encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _put(conn: sqlite3.Connection, op: Op) -> int | None:
-    """Store ``op`` if it wins by the merge rule.
+    """Store ``op`` if it wins by the merge rule, keeping the digests in step.
 
     Returns None when the stored operation won, else how the number of present
     items changed (-1, 0 or +1), for the caller to add to the live counts.
@@ -570,13 +763,37 @@ def _put(conn: sqlite3.Connection, op: Op) -> int | None:
     if row is not None and (op.version, op.origin) <= (row[1], row[2]):
         return None
 
+    bucket = bucket_of(op.item)
     conn.execute(
-        "INSERT INTO entries (idx, item, present, version, origin) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (idx, item) DO UPDATE SET "
+        "INSERT INTO entries (idx, item, present, version, origin, bucket) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idx, item) DO UPDATE SET "
         "present = excluded.present, version = excluded.version, "
         "origin = excluded.origin",
-        (op.index, op.item, int(op.present), op.version, op.origin),
+        (op.index, op.item, int(op.present), op.version, op.origin, bucket),
     )
+
+    # XOR the old entry out of the digests and the new one in.
+    change = _entry_hash(op.index, op.item, int(op.present), op.version, op.origin)
+    added = 1
+    if row is not None:
+        change ^= _entry_hash(op.index, op.item, row[0], row[1], row[2])
+        added = 0
+    for key in (bucket, INDEX_TOTAL):
+        found = conn.execute(
+            "SELECT hash FROM digests WHERE idx = ? AND bucket = ?", (op.index, key)
+        ).fetchone()
+        if found is None:
+            conn.execute(
+                "INSERT INTO digests (idx, bucket, hash, entries) VALUES (?, ?, ?, 1)",
+                (op.index, key, change),
+            )
+        else:
+            conn.execute(
+                "UPDATE digests SET hash = ?, entries = entries + ? "
+                "WHERE idx = ? AND bucket = ?",
+                (found[0] ^ change, added, op.index, key),
+            )
+
     was_present = row is not None and bool(row[0])
     return int(op.present) - int(was_present)
 

@@ -1,0 +1,252 @@
+"""Replicated indices with real processes: durability, read-your-writes, catch-up."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from procs import Proc, Procs, eventually, request
+
+QUICK = (
+    "--report-interval", "0.3s",
+    "--membership-interval", "0.2s",
+    "--anti-entropy-interval", "0.5s",
+    "--sync-timeout", "5s",
+)  # fmt: skip
+
+
+async def start_cluster(
+    procs: Procs, n: int, *extra: str
+) -> tuple[Proc, dict[str, Proc]]:
+    balancer = procs.balancer("balancer", "--probe-interval", "0.2s")
+    indexers = {
+        f"i{i}": procs.indexer(f"i{i}", "--balancer", balancer.url, *QUICK, *extra)
+        for i in range(1, n + 1)
+    }
+    return balancer, indexers
+
+
+async def serving(http: aiohttp.ClientSession, balancer: Proc, ids: set[str]) -> None:
+    async def ready() -> bool:
+        _, body, _ = await request(http, "GET", f"{balancer.url}/v1/status")
+        rows = {r["id"]: r for r in body["indexers"]}
+        return set(rows) == ids and all(
+            r["healthy"] and r["state"] == "serving" for r in rows.values()
+        )
+
+    await eventually(ready)
+
+
+async def contents(http: aiohttp.ClientSession, url: str) -> dict[str, list[str]]:
+    _, listed, _ = await request(http, "GET", f"{url}/v1/indices")
+    result = {}
+    for name in listed["indices"]:
+        _, body, _ = await request(
+            http, "GET", f"{url}/v1/indices/{name}", params={"limit": "10000"}
+        )
+        result[name] = body["items"]
+    return result
+
+
+async def converged(http: aiohttp.ClientSession, indexers: list[Proc]) -> None:
+    async def same() -> bool:
+        seen = [await contents(http, p.url) for p in indexers]
+        return all(s == seen[0] for s in seen)
+
+    await eventually(same, within=10)
+
+
+async def add(http: aiohttp.ClientSession, url: str, index: str, items: Any) -> Any:
+    status, body, headers = await request(
+        http, "POST", f"{url}/v1/indices/{index}/items", json={"items": items}
+    )
+    assert status == 200, body
+    return body, headers
+
+
+async def test_acknowledged_writes_survive_kill_9_of_the_indexer_that_took_them(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 3)
+    await serving(http, balancer, set(indexers))
+    taker = indexers["i1"]
+
+    written = [f"item-{n}" for n in range(100)]
+    for item in written:  # one write each, acknowledged one by one
+        await add(http, taker.url, "songs", [item])
+    taker.kill()
+
+    for other in ("i2", "i3"):
+        _, body, _ = await request(
+            http, "GET", f"{indexers[other].url}/v1/indices/songs?limit=1000"
+        )
+        assert body["items"] == sorted(written), other
+
+
+async def test_read_your_writes_through_the_proxy_on_every_write(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 3)
+    await serving(http, balancer, set(indexers))
+    url = balancer.url
+    await request(http, "PUT", f"{url}/v1/strategy", json={"strategy": "round_robin"})
+
+    readers: set[str] = set()
+    for n in range(100):
+        status, body, _ = await request(
+            http, "POST", f"{url}/v1/indices/ryw/items", json={"item": f"x{n:03d}"}
+        )
+        assert status == 200
+        status, body, headers = await request(
+            http, "GET", f"{url}/v1/indices/ryw", params={"limit": "1000"}
+        )
+        assert status == 200, body
+        assert f"x{n:03d}" in body["items"], (n, headers.get("P2PLB-Indexer"))
+        readers.add(headers["P2PLB-Indexer"])
+    assert readers == set(indexers)  # the reads really went everywhere
+
+
+async def test_min_version_header_is_checked(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 2, "--read-wait", "0.3s")
+    await serving(http, balancer, set(indexers))
+    indexers["i1"].wait_for(r"replication\.peer_added id=i2")
+    url = indexers["i1"].url
+    body, _ = await add(http, url, "v", ["a"])
+    ok = {"P2PLB-Min-Version": body["version"]}
+    assert (await request(http, "GET", f"{url}/v1/indices/v", headers=ok))[0] == 200
+
+    # A version from far ahead: i2 has not promised anything up to it.
+    future = {"P2PLB-Min-Version": "7fffffffffffffff"}
+    status, answer, headers = await request(
+        http, "GET", f"{url}/v1/indices/v", headers=future
+    )
+    assert (status, answer["error"]["code"]) == (503, "replica_behind")
+    assert headers["Retry-After"] == "1"
+    bad = {"P2PLB-Min-Version": "yesterday"}
+    status, answer, _ = await request(http, "GET", f"{url}/v1/indices/v", headers=bad)
+    assert (status, answer["error"]["code"]) == (400, "invalid_field")
+    assert answer["error"]["message"].startswith("P2PLB-Min-Version: ")
+
+
+async def test_a_lone_indexer_acknowledges_alone(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 1)
+    await serving(http, balancer, {"i1"})
+    body, _ = await add(http, balancer.url, "solo", ["a", "b"])
+    assert body["added"] == 2
+    indexers["i1"].wait_for(r"replication\.serving id=i1 reason=no peer")
+
+
+async def test_writes_while_an_indexer_is_down_then_catch_up(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 3)
+    await serving(http, balancer, set(indexers))
+    await add(http, indexers["i1"].url, "a", ["before"])
+    await converged(http, list(indexers.values()))
+
+    indexers["i3"].kill()
+    items = [f"while-down-{n}" for n in range(300)]
+    for start in range(0, 300, 50):
+        await add(http, indexers["i1"].url, "a", items[start : start + 50])
+    await request(
+        http, "POST", f"{indexers['i2'].url}/v1/indices/a/items/remove",
+        json={"item": "before"},
+    )  # fmt: skip
+
+    indexers["i3"].start()
+    indexers["i3"].wait_for(r"replication\.serving id=i3 reason=caught up with i[12]")
+    await converged(http, list(indexers.values()))
+    final = await contents(http, indexers["i3"].url)
+    assert final == {"a": sorted(items)}
+
+
+async def test_a_new_empty_indexer_joins_a_populated_cluster(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 2)
+    await serving(http, balancer, set(indexers))
+    for index in ("x", "y", "z"):
+        await add(http, balancer.url, index, [f"{index}{n}" for n in range(200)])
+
+    newcomer = procs.indexer("i9", "--balancer", balancer.url, *QUICK)
+    newcomer.wait_for(r"replication\.serving id=i9 reason=caught up with i[12]")
+
+    assert await contents(http, newcomer.url) == await contents(
+        http, indexers["i1"].url
+    )
+
+
+async def test_concurrent_add_and_remove_of_one_item_end_the_same_everywhere(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 2)
+    await serving(http, balancer, set(indexers))
+    one, two = indexers["i1"].url, indexers["i2"].url
+
+    async def churn(url: str, path: str, n: int) -> None:
+        await request(
+            http, "POST", f"{url}/v1/indices/c/{path}", json={"item": f"k{n}"}
+        )
+
+    await add(http, one, "c", ["keep"])
+    await asyncio.gather(
+        *(churn(one, "items", n) for n in range(50)),
+        *(churn(two, "items/remove", n) for n in range(50)),
+    )
+    await converged(http, list(indexers.values()))
+    final = await contents(http, one)
+    assert "keep" in final["c"]
+
+
+@pytest.mark.slow
+async def test_a_removal_stays_removed_after_a_long_absent_peer_returns(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 3)
+    await serving(http, balancer, set(indexers))
+    items = [f"r{n}" for n in range(50)]
+    await add(http, indexers["i1"].url, "r", items)
+    await converged(http, list(indexers.values()))
+
+    indexers["i3"].kill()  # holds every item as present
+    status, _, _ = await request(
+        http, "POST", f"{indexers['i1'].url}/v1/indices/r/items/remove",
+        json={"items": items[:25]},
+    )  # fmt: skip
+    assert status == 200
+    await asyncio.sleep(1.5)  # several anti-entropy rounds without it
+
+    indexers["i3"].start()
+    indexers["i3"].wait_for(r"replication\.serving id=i3")
+    await converged(http, list(indexers.values()))
+    await asyncio.sleep(1.5)  # and it stays that way
+    for proc in indexers.values():
+        assert await contents(http, proc.url) == {"r": sorted(items[25:])}
+
+
+async def test_insufficient_replicas_when_no_second_copy_is_possible(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # Probes slow: the balancer keeps the dead indexer registered.
+    balancer = procs.balancer("balancer", "--probe-interval", "1h")
+    flags = (*QUICK, "--write-timeout", "0.5s")
+    one = procs.indexer("i1", "--balancer", balancer.url, *flags)
+    two = procs.indexer("i2", "--balancer", balancer.url, *flags)
+    await serving(http, balancer, {"i1", "i2"})
+    one.wait_for(r"replication\.peer_added id=i2")  # i1 counts on a second copy
+    two.kill()
+
+    status, body, _ = await request(
+        http, "POST", f"{one.url}/v1/indices/d/items", json={"item": "lonely"}
+    )
+    assert (status, body["error"]["code"]) == (503, "insufficient_replicas")
+    assert body["error"]["message"] == (
+        "the write is durable on 1 of the 2 indexers required; it may still apply later"
+    )
