@@ -22,13 +22,14 @@ from typing import IO, Any
 
 from aiohttp import web
 
+from p2plb.cache import ReadCache
 from p2plb.config import IndexerConfig
 from p2plb.errors import ConfigError, ReplicaBehind, RequestError, StorageError
 from p2plb.hlc import format_version, parse_version
 from p2plb.limiter import Limiter
 from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.reporter import Reporter
-from p2plb.storage import BUCKETS, Storage
+from p2plb.storage import BUCKETS, Committed, Storage
 from p2plb.web import (
     error_middleware,
     error_response,
@@ -66,12 +67,18 @@ class Indexer:
         self.storage = storage
         self.replicator = replicator
         self.limiter = Limiter(config.capacity, config.queue_limit)
+        self.cache = ReadCache()
         self.served = 0
         self.url = config.advertise_url or ""
 
     @property
     def state(self) -> str:
         return self.replicator.state
+
+    def on_commit(self, committed: Committed) -> None:
+        """Storage hook: drop stale cached reads, then replicate."""
+        self.cache.changed(committed.indices)
+        self.replicator.on_commit(committed)
 
     @property
     def load(self) -> int:
@@ -221,24 +228,46 @@ class Indexer:
         )
 
     async def get_index(self, request: web.Request) -> web.Response:
+        # The raw path is the key: a hit was validated when it was first read.
+        key = request.raw_path
+        name = request.match_info["name"]
+        cached = self.cache.get(key, name)
+        if cached is not None:
+            return _cached_response(*cached)
+
         reject_unknown_query(request, _GET_QUERY)
-        name = check_name(request.match_info["name"])
+        check_name(name)
         limit = _page_limit(request.query.get("limit"))
         after = request.query.get("after")
         if after is not None:
             check_item(after, field="after")
-
+        generation = self.cache.generation(name)  # before the read: see cache.py
         page = await self.storage.get(name, limit=limit, after=after)
 
         if page is None:
-            raise RequestError(
+            error = RequestError(
                 404, "index_not_found", f"name: index {name!r} has no items"
             )
-        return json_response({"name": name, "items": page.items, "next": page.next})
+            answer = error_response(error.status, error.code, error.message)
+        else:
+            payload = {"name": name, "items": page.items, "next": page.next}
+            answer = json_response(payload)
+        assert isinstance(answer.body, bytes)
+        self.cache.put(key, generation, answer.status, answer.body)
+        return answer
 
     async def list_indices(self, request: web.Request) -> web.Response:
         reject_unknown_query(request, _NO_QUERY)
-        return json_response({"indices": await self.storage.list_indices()})
+        cached = self.cache.get(_LIST_KEY, None)
+        if cached is not None:
+            return _cached_response(*cached)
+        generation = self.cache.generation(None)
+
+        answer = json_response({"indices": await self.storage.list_indices()})
+
+        assert isinstance(answer.body, bytes)
+        self.cache.put(_LIST_KEY, generation, answer.status, answer.body)
+        return answer
 
     # -- replication between indexers ------------------------------------------------
 
@@ -265,6 +294,13 @@ class Indexer:
                 400, "invalid_field", f"bucket: must be 0 to {BUCKETS - 1}, got {raw!r}"
             )
         return json_response(await self.replicator.bucket(index, int(raw)))
+
+
+_LIST_KEY = "list of indices"  # never a raw path: those start with "/"
+
+
+def _cached_response(status: int, body: bytes) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def _page_limit(raw: str | None) -> int:
@@ -337,7 +373,6 @@ async def run_indexer(config: IndexerConfig) -> None:
         token=config.cluster_token,
         static_peers=config.peer,
     )
-    storage.on_commit = replicator.on_commit
     try:
         await storage.open()
     except BaseException:
@@ -345,6 +380,7 @@ async def run_indexer(config: IndexerConfig) -> None:
         lock.close()
         raise
     indexer = Indexer(config, storage, replicator)
+    storage.on_commit = indexer.on_commit
     indexer.url = url
     replicator.address = url
     reporter = Reporter(

@@ -328,6 +328,8 @@ class Replicator:
         """Tick the clock when idle, so peers' watermarks of this node move on."""
         while True:
             await asyncio.sleep(self.settings.heartbeat)
+            if not self.peers:
+                continue  # nobody to tell
             if self._clock() - self._last_commit >= self.settings.heartbeat:
                 with contextlib.suppress(Exception):
                     await self.storage.tick()

@@ -147,6 +147,7 @@ class Committed:
 
     local: list[Op]
     version: int
+    indices: set[str]  # every index whose entries changed
 
 
 class _Request(Generic[T]):
@@ -196,6 +197,7 @@ class Storage:
         # Filled by the writer thread during a group, handed over at commit.
         self._group_local: list[Op] = []
         self._group_marks: dict[str, int] = {}
+        self._group_indices: set[str] = set()
         self._node_id = node_id
         self._clock = HybridLogicalClock(wall_ms)
         # The clock's last value as of the last commit: what readers may rely on.
@@ -342,6 +344,7 @@ class Storage:
             ops = [Op(index, item, present, version, self._node_id) for item in unique]
             deltas = [_put(conn, op) for op in ops]
             self._group_local.extend(ops)
+            self._group_indices.add(index)
             changed = sum(1 for delta in deltas if delta)
             _count(conn, {index: changed if present else -changed})
             logger.debug(
@@ -386,6 +389,7 @@ class Storage:
                 if delta is not None:
                     applied.append(op)
                     deltas[op.index] = deltas.get(op.index, 0) + delta
+                    self._group_indices.add(op.index)
             _count(conn, deltas)
             top = max((op.version for op in ops), default=0)
             if upto is not None:
@@ -480,6 +484,7 @@ class Storage:
         outcomes: list[tuple[_Request[Any], object, BaseException | None]] = []
         self._group_local = []
         self._group_marks = {}
+        self._group_indices = set()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for request in group:
@@ -516,7 +521,9 @@ class Storage:
         # Before any answer: the loop runs callbacks in order, so whoever hears
         # of a commit (replication) hears of it before the writer is answered.
         if self._loop is not None:
-            committed = Committed(self._group_local, self._committed)
+            committed = Committed(
+                self._group_local, self._committed, self._group_indices
+            )
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(
                     self._after_commit, committed, self._group_marks
