@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import aiohttp
@@ -250,3 +251,50 @@ async def test_insufficient_replicas_when_no_second_copy_is_possible(
     assert body["error"]["message"] == (
         "the write is durable on 1 of the 2 indexers required; it may still apply later"
     )
+
+
+def tombstones(proc: Proc) -> int:
+    path = proc.workdir / f"data-{proc.name}" / "index.sqlite3"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        count: int = conn.execute(
+            "SELECT count(*) FROM entries WHERE present = 0"
+        ).fetchone()[0]
+    return count
+
+
+@pytest.mark.slow
+async def test_tombstones_go_after_the_grace_and_an_absent_peer_resyncs(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # The balancer forgets a dead indexer within about a second, so the others
+    # may drop tombstones it never saw; when it returns it must not bring the
+    # removed items back.
+    balancer = procs.balancer(
+        "balancer", "--probe-interval", "0.2s", "--unhealthy-after", "1s",
+        "--forget-after", "1s",
+    )  # fmt: skip
+    flags = (*QUICK, "--tombstone-grace", "2s")
+    indexers = {
+        f"i{n}": procs.indexer(f"i{n}", "--balancer", balancer.url, *flags)
+        for n in (1, 2, 3)
+    }
+    await serving(http, balancer, set(indexers))
+    items = [f"t{n}" for n in range(20)]
+    await add(http, indexers["i1"].url, "t", items)
+    await converged(http, list(indexers.values()))
+
+    indexers["i3"].kill()
+    await request(
+        http, "POST", f"{indexers['i1'].url}/v1/indices/t/items/remove",
+        json={"items": items[:10]},
+    )  # fmt: skip
+    for proc in (indexers["i1"], indexers["i2"]):
+        proc.wait_for(r"replication\.tombstones_dropped count=10", timeout=20)
+    assert tombstones(indexers["i1"]) == tombstones(indexers["i2"]) == 0
+
+    indexers["i3"].start()
+    indexers["i3"].wait_for(r"replication\.discarding away_s=\d+ grace_s=2")
+    indexers["i3"].wait_for(r"replication\.serving id=i3 reason=caught up")
+    await converged(http, list(indexers.values()))
+    for proc in indexers.values():
+        assert await contents(http, proc.url) == {"t": sorted(items[10:])}

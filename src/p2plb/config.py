@@ -294,6 +294,13 @@ INDEXER_SETTINGS: tuple[Setting, ...] = (
         "How often digests are compared with a random peer.",
     ),
     Setting(
+        "tombstone_grace",
+        parse_duration,
+        86400.0,
+        "Removals are remembered at least this long; an indexer away longer "
+        "resyncs from scratch.",
+    ),
+    Setting(
         "membership_interval",
         parse_duration,
         1.0,
@@ -395,6 +402,7 @@ class IndexerConfig(_ServerConfig):
     write_timeout: float
     read_wait: float
     anti_entropy_interval: float
+    tombstone_grace: float
     membership_interval: float
 
 

@@ -369,6 +369,7 @@ async def run_indexer(config: IndexerConfig) -> None:
             write_timeout=config.write_timeout,
             read_wait=config.read_wait,
             sync_timeout=config.sync_timeout,
+            tombstone_grace=config.tombstone_grace,
         ),
         token=config.cluster_token,
         static_peers=config.peer,

@@ -69,6 +69,7 @@ class ReplicationSettings:
     sync_timeout: float = 10.0  # serve anyway if no serving peer helped by then
     quiet_after: float = 1.0  # a peer silent this long is left out of reads
     outbox_limit: int = 200_000  # past this a peer must catch up by anti-entropy
+    tombstone_grace: float = 86400.0  # keep tombstones at least this long
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Peer:
     heard: float = 0.0  # monotonic time of the last answer or push from it
     synced_after: float = -1.0  # monotonic time the last full pull from it began
     failures: int = 0
+    marks: dict[str, int] | None = None  # its watermarks, from its last summary
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -144,6 +146,7 @@ class Replicator:
             asyncio.create_task(self._catch_up()),
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._anti_entropy()),
+            asyncio.create_task(self._collect_tombstones()),
         ]
         if self._static:
             self._tasks.append(asyncio.create_task(self._resolve_static()))
@@ -425,6 +428,7 @@ class Replicator:
 
         marks = {str(k): int(v) for k, v in summary["marks"].items()}
         await self.storage.advance(marks)
+        peer.marks = marks
         peer.synced_after = max(peer.synced_after, started)
         peer.heard = max(peer.heard, started)
         self._changed.set()
@@ -466,6 +470,7 @@ class Replicator:
                 break  # alone: nothing to catch up with
             for peer in serving:
                 try:
+                    await self._discard_if_away_too_long()
                     applied = await self.sync_with(peer)
                 except (aiohttp.ClientError, TimeoutError, _Refused, KeyError):
                     continue
@@ -479,6 +484,44 @@ class Replicator:
                 self.settings.sync_timeout,
             )
         self._serve("no peer to catch up with" if not self.peers else "sync timeout")
+
+    async def _discard_if_away_too_long(self) -> None:
+        """Away longer than the grace, peers may have dropped tombstones this
+        replica never saw; its old entries could bring removed items back, so it
+        starts afresh from a serving peer instead."""
+        last_ms = self.storage.committed >> 16
+        away = time.time() - last_ms / 1000
+        if last_ms == 0 or away <= self.settings.tombstone_grace:
+            return
+        logger.warning(
+            "replication.discarding away_s=%.0f grace_s=%.0f; resyncing from scratch",
+            away,
+            self.settings.tombstone_grace,
+        )
+        await self.storage.wipe()
+
+    async def _collect_tombstones(self) -> None:
+        """Drop tombstones older than the grace that every registered peer holds."""
+        every = min(600.0, max(0.5, self.settings.tombstone_grace / 4))
+        while True:
+            await asyncio.sleep(every)
+            if self.state != "serving":
+                continue
+            peers = list(self.peers.values())
+            if any(p.marks is None for p in peers):
+                continue  # someone's holdings are unknown: keep everything
+            safe = dict(self.storage.watermarks)
+            for peer in peers:
+                assert peer.marks is not None
+                safe = {o: min(v, peer.marks.get(o, 0)) for o, v in safe.items()}
+            cutoff_ms = int((time.time() - self.settings.tombstone_grace) * 1000)
+            try:
+                dropped = await self.storage.drop_tombstones(cutoff_ms << 16, safe)
+            except Exception:
+                logger.exception("replication.tombstones_failed")
+                continue
+            if dropped:
+                logger.info("replication.tombstones_dropped count=%d", dropped)
 
     def _serve(self, reason: str) -> None:
         self.state = "serving"

@@ -420,6 +420,47 @@ class Storage:
 
         await self._write("advance watermarks", apply)
 
+    async def drop_tombstones(
+        self, older_than: int, safe: dict[str, int], *, most: int = 10_000
+    ) -> int:
+        """Forget tombstones every replica holds; returns how many went.
+
+        A tombstone of ``origin`` goes once its version is below ``older_than``
+        (the grace period) and at most ``safe[origin]``, the version up to which
+        every registered indexer holds that origin's operations.  Before both,
+        a replica that missed the removal could bring the item back.
+        """
+
+        def apply(conn: sqlite3.Connection) -> int:
+            dropped = 0
+            for origin, mark in safe.items():
+                rows = conn.execute(
+                    "SELECT idx, item, version, bucket FROM entries "
+                    "WHERE present = 0 AND origin = ? AND version <= ? LIMIT ?",
+                    (origin, min(older_than, mark), most - dropped),
+                ).fetchall()
+                for idx, item, version, bucket in rows:
+                    _forget(conn, idx, item, version, origin, bucket)
+                    self._group_indices.add(idx)
+                dropped += len(rows)
+            return dropped
+
+        return await self._write("drop tombstones", apply)
+
+    async def wipe(self) -> None:
+        """Discard every entry and watermark (not the clock), to resync anew."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            self._clock.now()  # the wipe itself is news: "last committed" moves
+            indices = [row[0] for row in conn.execute("SELECT DISTINCT idx FROM live")]
+            self._group_indices.update(indices)
+            for table in ("entries", "live", "digests", "watermarks"):
+                conn.execute(f"DELETE FROM {table}")  # names fixed above, no input
+            self._group_marks = {}
+
+        await self._write("wipe", apply)
+        self.watermarks = {self._node_id: self._committed}
+
     async def tick(self) -> int:
         """Commit a fresh clock value; every local write up to it is committed.
 
@@ -694,6 +735,12 @@ class Storage:
 
         await self._read("check", read)
 
+    @property
+    def committed(self) -> int:
+        """The clock's last value as of the last commit (its physical part says
+        when this replica last committed anything)."""
+        return self._committed
+
     async def max_version(self) -> int:
         """The clock's last value as of the last commit.
 
@@ -803,6 +850,34 @@ def _put(conn: sqlite3.Connection, op: Op) -> int | None:
 
     was_present = row is not None and bool(row[0])
     return int(op.present) - int(was_present)
+
+
+def _forget(
+    conn: sqlite3.Connection,
+    idx: str,
+    item: str,
+    version: int,
+    origin: str,
+    bucket: int,
+) -> None:
+    """Delete a tombstone, XOR-ing it out of the digests."""
+    conn.execute("DELETE FROM entries WHERE idx = ? AND item = ?", (idx, item))
+    gone = _entry_hash(idx, item, 0, version, origin)
+    for key in (bucket, INDEX_TOTAL):
+        found = conn.execute(
+            "SELECT hash FROM digests WHERE idx = ? AND bucket = ?", (idx, key)
+        ).fetchone()
+        if found is None:
+            continue
+        conn.execute(
+            "UPDATE digests SET hash = ?, entries = entries - 1 "
+            "WHERE idx = ? AND bucket = ?",
+            (found[0] ^ gone, idx, key),
+        )
+        conn.execute(
+            "DELETE FROM digests WHERE idx = ? AND bucket = ? AND entries <= 0",
+            (idx, key),
+        )
 
 
 def _count(conn: sqlite3.Connection, deltas: dict[str, int]) -> None:
