@@ -31,6 +31,7 @@ from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.proxy import Proxy, parse_load_header
 from p2plb.registry import Entry, Registry
 from p2plb.state import StateFileError, load_state, save_state, set_aside
+from p2plb.tokens import require
 from p2plb.web import error_middleware, json_response, read_body, reject_unknown_query
 from p2plb.wire import (
     LoadBody,
@@ -257,7 +258,20 @@ class Balancer:
         body = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
+    def _cluster(self, request: web.Request) -> str:
+        """Registering and reporting: the cluster token (or the admin's)."""
+        return require(
+            request.headers.get("Authorization"),
+            {"cluster": self.config.cluster_token, "admin": self.config.admin_token},
+        )
+
+    def _admin(self, request: web.Request) -> str:
+        return require(
+            request.headers.get("Authorization"), {"admin": self.config.admin_token}
+        )
+
     async def register(self, request: web.Request) -> web.Response:
+        self._cluster(request)
         raw = await read_body(request, self.config.max_body_size)
         body = decode_body(raw, RegisterBody).check()
 
@@ -277,12 +291,25 @@ class Balancer:
 
     async def unregister(self, request: web.Request) -> web.Response:
         indexer_id = check_indexer_id(request.match_info["id"])
+        role = self._cluster(request)
+        if role == "cluster" and self.config.cluster_token:
+            # With the cluster token an indexer may remove itself only: it
+            # proves which one it is by the instance it registered with.
+            entry = self.registry.get(indexer_id)
+            instance = request.headers.get("P2PLB-Instance")
+            if entry is not None and (not instance or instance != entry.instance):
+                raise RequestError(
+                    403,
+                    "wrong_token",
+                    "Authorization: removing another indexer needs the admin token",
+                )
         entry = self.registry.unregister(indexer_id)
         logger.info("indexer.unregistered id=%s address=%s", entry.id, entry.address)
         return web.Response(status=204)
 
     async def report(self, request: web.Request) -> web.Response:
         indexer_id = check_indexer_id(request.match_info["id"])
+        self._cluster(request)
         raw = await read_body(request, self.config.max_body_size)
         body = decode_body(raw, LoadBody).check()
 
@@ -337,6 +364,7 @@ class Balancer:
         return json_response({"strategy": self.registry.strategy})
 
     async def put_strategy(self, request: web.Request) -> web.Response:
+        self._admin(request)
         raw = await read_body(request, self.config.max_body_size)
         body = decode_body(raw, StrategyBody)
 

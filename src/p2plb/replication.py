@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import random
 import time
@@ -49,6 +48,7 @@ import msgspec
 
 from p2plb.errors import InsufficientReplicas, RequestError
 from p2plb.storage import Committed, Op, Storage
+from p2plb.tokens import require
 from p2plb.wire import PROTOCOL, encode
 
 __all__ = ["Peer", "Replicator", "ReplicationSettings"]
@@ -533,15 +533,7 @@ class Replicator:
     # -- what peers ask of this node (internal API) -----------------------------
 
     def authorize(self, header: str | None) -> None:
-        if self._token is None:
-            return
-        if header is None:
-            raise RequestError(
-                401, "missing_token", "Authorization: bearer token needed"
-            )
-        given = header.removeprefix("Bearer ").encode()
-        if not hmac.compare_digest(given, self._token.encode()):
-            raise RequestError(403, "wrong_token", "Authorization: wrong token")
+        require(header, {"cluster": self._token})
 
     async def receive_push(self, body: bytes) -> dict[str, Any]:
         try:

@@ -113,8 +113,9 @@ class Reporter:
         assert self._session is not None
         url = f"{balancer}/v1/indexers/{self.indexer_id}"
         try:
+            headers = self._headers | {"P2PLB-Instance": self.instance}
             async with self._session.delete(
-                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=2)
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)
             ) as response:
                 logger.info(
                     "reporter.unregistered balancer=%s status=%d",

@@ -1,0 +1,105 @@
+"""Tokens: unit rules, then a balancer and indexers started with them."""
+
+from __future__ import annotations
+
+import signal
+
+import aiohttp
+import pytest
+
+from p2plb.errors import RequestError
+from p2plb.tokens import authorized_as
+from procs import Procs, eventually, request
+
+ROLES = {"cluster": "c-secret", "admin": "a-secret"}
+
+
+@pytest.mark.parametrize(
+    ("header", "outcome"),
+    [
+        ("Bearer c-secret", "cluster"),
+        ("bearer a-secret", "admin"),
+        (None, (401, "missing_token")),
+        ("Bearer nope", (403, "wrong_token")),
+        ("Basic c-secret", (403, "wrong_token")),
+        ("c-secret", (403, "wrong_token")),
+    ],
+)
+def test_roles(header: str | None, outcome: object) -> None:
+    if isinstance(outcome, str):
+        assert authorized_as(header, ROLES) == outcome
+        return
+    with pytest.raises(RequestError) as info:
+        authorized_as(header, ROLES)
+    assert (info.value.status, info.value.code) == outcome
+
+
+def test_an_unset_token_leaves_its_role_open() -> None:
+    assert authorized_as(None, {"cluster": None}) == "cluster"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_balancer_and_indexers_with_tokens(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    tokens = ("--cluster-token", "c-secret", "--admin-token", "a-secret")
+    balancer = procs.balancer("balancer", *tokens)
+    url = balancer.url
+    entry = {"id": "x", "address": "http://127.0.0.1:9", "capacity": 1}
+
+    status, body, _ = await request(http, "POST", f"{url}/v1/indexers", json=entry)
+    assert (status, body["error"]["code"]) == (401, "missing_token")
+    status, body, _ = await request(
+        http, "POST", f"{url}/v1/indexers", json=entry, headers=bearer("guess")
+    )
+    assert (status, body["error"]["code"]) == (403, "wrong_token")
+    assert (await request(http, "GET", f"{url}/v1/indexers"))[1] == {"indexers": []}
+
+    strategy = {"strategy": "p2c"}
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/strategy", json=strategy, headers=bearer("c-secret")
+    )
+    assert (status, body["error"]["code"]) == (403, "wrong_token")
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/strategy", json=strategy, headers=bearer("a-secret")
+    )
+    assert (status, body) == (200, {"strategy": "p2c"})
+
+    flags = (
+        "--balancer",
+        url,
+        "--cluster-token",
+        "c-secret",
+        "--report-interval",
+        "0.3s",
+    )
+    one = procs.indexer("i1", *flags)
+    procs.indexer("i2", *flags)
+
+    async def joined() -> bool:
+        listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]["indexers"]
+        return len(listed) == 2
+
+    await eventually(joined)
+    status, body, _ = await request(
+        http, "DELETE", f"{url}/v1/indexers/i2", headers=bearer("c-secret")
+    )
+    assert (status, body["error"]["message"]) == (
+        403,
+        "Authorization: removing another indexer needs the admin token",
+    )
+    status, body, _ = await request(
+        http, "POST", f"{one.url}/internal/v1/push", json={"origin": "z", "upto": 1}
+    )
+    assert (status, body["error"]["code"]) == (401, "missing_token")
+
+    one.signal(signal.SIGTERM)  # it removes itself with the cluster token
+    one.wait_for(r"reporter\.unregistered balancer=\S+ status=204")
+    assert (
+        await request(
+            http, "DELETE", f"{url}/v1/indexers/i2", headers=bearer("a-secret")
+        )
+    )[0] == 204
