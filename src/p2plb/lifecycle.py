@@ -60,7 +60,12 @@ def is_wildcard(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> Listener:
-    """Bind now, so port 0 turns into the real port before anyone is told."""
+    """Bind now, so port 0 turns into the real port before anyone is told.
+
+    Known shortcoming: servers speak plain HTTP only; TLS (--tls-cert,
+    --tls-key, --ca-file) is not built yet, so tokens cross the network in
+    clear unless a TLS-terminating proxy stands in front.
+    """
     try:
         infos = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
