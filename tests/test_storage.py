@@ -669,8 +669,8 @@ async def test_a_failed_commit_fails_its_group_and_nothing_else(
     store: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = await store.add("songs", ["a"])
-    assert store._writer_conn is not None
-    monkeypatch.setattr(store, "_writer_conn", FailingCommit(store._writer_conn))
+    assert store._writer is not None
+    monkeypatch.setattr(store._writer, "conn", FailingCommit(store._writer.conn))
 
     with pytest.raises(StorageError, match="commit failed: database or disk is full"):
         await store.add("songs", ["b"])

@@ -28,16 +28,16 @@ Rules of this module:
 
 from __future__ import annotations
 
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from typing import Any
 
+from p2plb.backends import STATES, Entry, Flight, LatencyWindow, Superseded
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import Health, HealthChange, HealthPolicy
-from p2plb.strategies import STRATEGIES, Strategy, make_strategy
+from p2plb.snapshot import SNAPSHOT_VERSION, parse_snapshot, snapshot_row
+from p2plb.strategies import Strategy, make_strategy
 from p2plb.wire import check_address, check_indexer_id, invalid
 
 __all__ = [
@@ -50,131 +50,7 @@ __all__ = [
     "Registry",
 ]
 
-STATES = ("serving", "syncing")
 OPS = ("read", "write")
-SNAPSHOT_VERSION = 1
-# How many replaced (address, instance) pairs are remembered per id.
-_SUPERSEDED_KEPT = 4
-
-
-class LatencyWindow:
-    """The last 1024 latencies of successful requests, for p50 and p99.
-
-    Fixed memory (a ring); the percentiles sort a copy, which costs a few
-    microseconds and happens only when someone asks for status.
-    """
-
-    SIZE = 1024
-
-    def __init__(self) -> None:
-        self._samples: list[float] = []
-        self._next = 0
-
-    def add(self, seconds: float) -> None:
-        if len(self._samples) < self.SIZE:
-            self._samples.append(seconds)
-        else:
-            self._samples[self._next] = seconds
-            self._next = (self._next + 1) % self.SIZE
-
-    def percentiles(self) -> tuple[float | None, float | None]:
-        """``(p50, p99)`` in ms by nearest rank; ``None`` with no samples."""
-        if not self._samples:
-            return None, None
-        ordered = sorted(self._samples)
-
-        def rank(q: float) -> float:
-            index = max(0, math.ceil(q * len(ordered)) - 1)
-            return round(ordered[index] * 1000.0, 2)
-
-        return rank(0.50), rank(0.99)
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-
-@dataclass(eq=False)
-class Entry:
-    """One registered indexer and what the balancer knows about it."""
-
-    id: str
-    address: str
-    capacity: int
-    zone: str | None
-    instance: str | None
-    state: str
-    reported_load: int
-    registered_at: float
-    last_report: float | None
-    health: Health
-    requests: int = 0  # served, as the indexer reports it (any path)
-    routed: int = 0  # proxied or answered on /v1/route by this balancer
-    errors: int = 0  # proxied requests that failed
-    inflight: int = 0  # proxied requests not finished yet
-    recent: int = 0  # /v1/route answers still counted as load
-    served_seen: int | None = None  # last cumulative "served" counter
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
-
-    @property
-    def load(self) -> int:
-        """Effective load: reported + in flight + recent lookaside answers."""
-        return self.reported_load + self.inflight + self.recent
-
-    @property
-    def load_percentage(self) -> float:
-        return round(min(100.0, 100.0 * self.load / self.capacity), 1)
-
-    def status(self, now: float) -> dict[str, Any]:
-        """This indexer as ``GET /v1/status`` shows it (design.md)."""
-        age = None if self.last_report is None else round(now - self.last_report, 1)
-        p50, p99 = self.latency.percentiles()
-        return {
-            "id": self.id,
-            "address": self.address,
-            "zone": self.zone,
-            "capacity": self.capacity,
-            "current_load": self.load,
-            "load_percentage": self.load_percentage,
-            "healthy": self.health.healthy,
-            "state": self.state,
-            "health_reason": self.health.describe(now),
-            "last_report_age_s": age,
-            "requests": self.requests,
-            "routed": self.routed,
-            "errors": self.errors,
-            "latency_ms": {"p50": p50, "p99": p99},
-        }
-
-    def route_row(self) -> dict[str, Any]:
-        """This indexer as a row of ``GET /v1/routing-table``."""
-        return {
-            "id": self.id,
-            "address": self.address,
-            "capacity": self.capacity,
-            "load": self.load,
-            "state": self.state,
-            "healthy": self.health.healthy,
-            "zone": self.zone,
-        }
-
-
-class Flight:
-    """A proxied request in flight, from ``Registry.begin`` to ``finish``.
-
-    It remembers the very entry it was counted on, so finishing it twice, or
-    after the indexer was removed or replaced, cannot push a count below zero
-    or onto the wrong entry.
-    """
-
-    __slots__ = ("done", "entry")
-
-    def __init__(self, entry: Entry | None) -> None:
-        self.entry = entry
-        self.done = entry is None
-
-    @property
-    def id(self) -> str | None:
-        return None if self.entry is None else self.entry.id
 
 
 class Registry:
@@ -201,7 +77,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._ejected: set[str] = set()
         self._recent: deque[tuple[float, Entry]] = deque()
-        self._superseded: dict[str, deque[tuple[str, str | None, float]]] = {}
+        self._superseded = Superseded()
         self._changes: list[HealthChange] = []
         self._total_requests = 0
         self._total_routed = 0
@@ -323,13 +199,13 @@ class Registry:
         )
         if old is not None:
             self._leave(old)
-            self._supersede(old, now)
+            self._superseded.add(old, now)
             entry.requests, entry.routed, entry.errors = (
                 old.requests,
                 old.routed,
                 old.errors,
             )
-        self._forget_superseded(id, address, instance)
+        self._superseded.discard(id, address, instance)
         self._entries[id] = entry
         self._sync(entry)
         return entry, old is None
@@ -370,7 +246,7 @@ class Registry:
 
         entry = self._entries.get(id)
         if entry is None or not _same_process(entry, address, instance):
-            if self._is_superseded(id, address, instance) or entry is not None:
+            if self._superseded.matches(id, address, instance) or entry is not None:
                 raise _superseded(id, entry, address, instance)
             raise _not_found(id)
 
@@ -525,11 +401,7 @@ class Registry:
                     )
                 )
 
-        for id, replaced in list(self._superseded.items()):
-            while replaced and now - replaced[0][2] >= self.forget_after:
-                replaced.popleft()
-            if not replaced:
-                del self._superseded[id]
+        self._superseded.expire(now, self.forget_after)
         return self.drain_changes()
 
     # persistence -----------------------------------------------------------------
@@ -541,22 +413,7 @@ class Registry:
             "strategy": self.strategy,
             "total_requests": self._total_requests,
             "routed_requests": self._total_routed,
-            "indexers": [
-                {
-                    "id": entry.id,
-                    "address": entry.address,
-                    "capacity": entry.capacity,
-                    "zone": entry.zone,
-                    "instance": entry.instance,
-                    "state": entry.state,
-                    "reported_load": entry.reported_load,
-                    "requests": entry.requests,
-                    "routed": entry.routed,
-                    "errors": entry.errors,
-                    "served": entry.served_seen,
-                }
-                for entry in self._entries.values()
-            ],
+            "indexers": [snapshot_row(entry) for entry in self._entries.values()],
         }
 
     def restore(self, snapshot: Any) -> None:
@@ -566,7 +423,7 @@ class Registry:
         indexers are unhealthy ("restored; awaiting probe") until their first
         successful probe, and have ``unhealthy_after`` seconds to report.
         """
-        rows = _parse_snapshot(snapshot)
+        rows = parse_snapshot(snapshot)
         now = self._clock()
 
         self._read = make_strategy(snapshot["strategy"], self._rng)
@@ -678,30 +535,6 @@ class Registry:
         entry.requests += delta
         self._total_requests += delta
 
-    def _supersede(self, old: Entry, now: float) -> None:
-        replaced = self._superseded.setdefault(old.id, deque(maxlen=_SUPERSEDED_KEPT))
-        replaced.append((old.address, old.instance, now))
-
-    def _forget_superseded(self, id: str, address: str, instance: str | None) -> None:
-        replaced = self._superseded.get(id)
-        if replaced is None:
-            return
-        kept = [row for row in replaced if (row[0], row[1]) != (address, instance)]
-        replaced.clear()
-        replaced.extend(kept)
-
-    def _is_superseded(
-        self, id: str, address: str | None, instance: str | None
-    ) -> bool:
-        if address is None and instance is None:
-            return False
-        for old_address, old_instance, _ in self._superseded.get(id, ()):
-            address_matches = address is None or address == old_address
-            instance_matches = instance is None or instance == old_instance
-            if address_matches and instance_matches:
-                return True
-        return False
-
     def _none_healthy(self, op: str) -> str:
         healthy = self.healthy_count()
         total = len(self._entries)
@@ -745,82 +578,3 @@ def _superseded(
         f"id: indexer {id!r} ({sender}) was replaced by a newer registration"
         f"{where}; this process must stop reporting",
     )
-
-
-# snapshot validation -------------------------------------------------------------
-
-_TOP_KEYS = {"version", "strategy", "total_requests", "routed_requests", "indexers"}
-_ROW_KEYS = {
-    "id",
-    "address",
-    "capacity",
-    "zone",
-    "instance",
-    "state",
-    "reported_load",
-    "requests",
-    "routed",
-    "errors",
-    "served",
-}
-
-
-def _parse_snapshot(snapshot: Any) -> list[dict[str, Any]]:
-    """Check every field of a snapshot; return its indexer rows, address
-    normalised.  Anything unexpected is a ``ValueError`` naming the field."""
-    _check_keys(snapshot, _TOP_KEYS, "snapshot")
-    version = snapshot["version"]
-    if version != SNAPSHOT_VERSION or isinstance(version, bool):
-        raise ValueError(
-            f"snapshot.version: expected {SNAPSHOT_VERSION}, got {version!r}"
-        )
-    if snapshot["strategy"] not in STRATEGIES:
-        raise ValueError(
-            f"snapshot.strategy: unknown strategy {snapshot['strategy']!r}"
-        )
-    for name in ("total_requests", "routed_requests"):
-        _expect_count(snapshot[name], f"snapshot.{name}", 0)
-    if not isinstance(snapshot["indexers"], list):
-        raise ValueError("snapshot.indexers: expected a list")
-
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for index, row in enumerate(snapshot["indexers"]):
-        where = f"snapshot.indexers[{index}]"
-        _check_keys(row, _ROW_KEYS, where)
-        try:
-            check_indexer_id(row["id"])
-            address = check_address(row["address"])
-        except RequestError as exc:
-            raise ValueError(f"{where}.{exc.message}") from None
-        if row["id"] in seen:
-            raise ValueError(f"{where}.id: {row['id']!r} appears twice")
-        seen.add(row["id"])
-        _expect_count(row["capacity"], f"{where}.capacity", 1)
-        for name in ("reported_load", "requests", "routed", "errors"):
-            _expect_count(row[name], f"{where}.{name}", 0)
-        if row["served"] is not None:
-            _expect_count(row["served"], f"{where}.served", 0)
-        for name in ("zone", "instance"):
-            if row[name] is not None and not isinstance(row[name], str):
-                raise ValueError(f"{where}.{name}: expected a string or null")
-        if row["state"] not in STATES:
-            raise ValueError(f"{where}.state: expected one of {', '.join(STATES)}")
-        rows.append({**row, "address": address})
-    return rows
-
-
-def _check_keys(value: Any, keys: set[str], where: str) -> None:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
-    missing = keys - value.keys()
-    if missing:
-        raise ValueError(f"{where}: missing {', '.join(sorted(missing))}")
-    extra = value.keys() - keys
-    if extra:
-        raise ValueError(f"{where}: unexpected {', '.join(sorted(map(str, extra)))}")
-
-
-def _expect_count(value: Any, where: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where}: expected an integer >= {minimum}, got {value!r}")

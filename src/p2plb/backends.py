@@ -1,0 +1,199 @@
+"""The backends of a balancer: each indexer as the registry knows it.
+
+Rules of this module:
+
+* No I/O and no decisions about health or picks: the registry drives these
+  classes, with the time it is given.
+* The *effective load* of an entry (design.md, "Load") is its freshest reported
+  load, plus the proxied requests in flight to it, plus the ``/v1/route``
+  answers still counted as load: ``Entry.load``.
+* A ``Flight`` holds the very entry it was counted on, so that finishing it
+  never touches an entry that replaced it.
+* ``Superseded`` remembers the processes a new registration replaced, so that
+  their reports are refused as such and they stop.
+
+Named for the strategies' word, *backend*, to stay apart from ``indexer`` (the
+indexer's server) and ``entries`` (how the indexer stores an item).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2plb.health import Health
+
+__all__ = ["STATES", "Entry", "Flight", "LatencyWindow", "Superseded"]
+
+# What an indexer may report itself as: caught up, or still catching up.
+STATES = ("serving", "syncing")
+
+
+class LatencyWindow:
+    """The last 1024 latencies of successful requests, for p50 and p99.
+
+    Fixed memory (a ring); the percentiles sort a copy, which costs a few
+    microseconds and happens only when someone asks for status.
+    """
+
+    SIZE = 1024
+
+    def __init__(self) -> None:
+        self._samples: list[float] = []
+        self._next = 0
+
+    def add(self, seconds: float) -> None:
+        if len(self._samples) < self.SIZE:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._next] = seconds
+            self._next = (self._next + 1) % self.SIZE
+
+    def percentiles(self) -> tuple[float | None, float | None]:
+        """``(p50, p99)`` in ms by nearest rank; ``None`` with no samples."""
+        if not self._samples:
+            return None, None
+        ordered = sorted(self._samples)
+
+        def rank(q: float) -> float:
+            index = max(0, math.ceil(q * len(ordered)) - 1)
+            return round(ordered[index] * 1000.0, 2)
+
+        return rank(0.50), rank(0.99)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One registered indexer and what the balancer knows about it."""
+
+    id: str
+    address: str
+    capacity: int
+    zone: str | None
+    instance: str | None
+    state: str
+    reported_load: int
+    registered_at: float
+    last_report: float | None
+    health: Health
+    requests: int = 0  # served, as the indexer reports it (any path)
+    routed: int = 0  # proxied or answered on /v1/route by this balancer
+    errors: int = 0  # proxied requests that failed
+    inflight: int = 0  # proxied requests not finished yet
+    recent: int = 0  # /v1/route answers still counted as load
+    served_seen: int | None = None  # last cumulative "served" counter
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+    @property
+    def load(self) -> int:
+        """Effective load: reported + in flight + recent lookaside answers."""
+        return self.reported_load + self.inflight + self.recent
+
+    @property
+    def load_percentage(self) -> float:
+        return round(min(100.0, 100.0 * self.load / self.capacity), 1)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """This indexer as ``GET /v1/status`` shows it (design.md)."""
+        age = None if self.last_report is None else round(now - self.last_report, 1)
+        p50, p99 = self.latency.percentiles()
+        return {
+            "id": self.id,
+            "address": self.address,
+            "zone": self.zone,
+            "capacity": self.capacity,
+            "current_load": self.load,
+            "load_percentage": self.load_percentage,
+            "healthy": self.health.healthy,
+            "state": self.state,
+            "health_reason": self.health.describe(now),
+            "last_report_age_s": age,
+            "requests": self.requests,
+            "routed": self.routed,
+            "errors": self.errors,
+            "latency_ms": {"p50": p50, "p99": p99},
+        }
+
+    def route_row(self) -> dict[str, Any]:
+        """This indexer as a row of ``GET /v1/routing-table``."""
+        return {
+            "id": self.id,
+            "address": self.address,
+            "capacity": self.capacity,
+            "load": self.load,
+            "state": self.state,
+            "healthy": self.health.healthy,
+            "zone": self.zone,
+        }
+
+
+class Flight:
+    """A proxied request in flight, from ``Registry.begin`` to ``finish``.
+
+    It remembers the very entry it was counted on, so finishing it twice, or
+    after the indexer was removed or replaced, cannot push a count below zero
+    or onto the wrong entry.
+    """
+
+    __slots__ = ("done", "entry")
+
+    def __init__(self, entry: Entry | None) -> None:
+        self.entry = entry
+        self.done = entry is None
+
+    @property
+    def id(self) -> str | None:
+        return None if self.entry is None else self.entry.id
+
+
+class Superseded:
+    """Processes replaced by a newer registration of their id, for a while.
+
+    A report from one of them gets ``409 superseded`` rather than ``404``, so
+    the old process learns that it must stop.  At most ``KEPT`` are remembered
+    per id, each until ``expire`` finds it older than ``forget_after``.
+    """
+
+    KEPT = 4
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, deque[tuple[str, str | None, float]]] = {}
+
+    def add(self, old: Entry, now: float) -> None:
+        """Remember the process of ``old``, just replaced at ``now``."""
+        replaced = self._by_id.setdefault(old.id, deque(maxlen=self.KEPT))
+        replaced.append((old.address, old.instance, now))
+
+    def discard(self, id: str, address: str, instance: str | None) -> None:
+        """Forget (address, instance) of ``id``: it registered again."""
+        replaced = self._by_id.get(id)
+        if replaced is None:
+            return
+        kept = [row for row in replaced if (row[0], row[1]) != (address, instance)]
+        replaced.clear()
+        replaced.extend(kept)
+
+    def matches(self, id: str, address: str | None, instance: str | None) -> bool:
+        """Whether a sender of ``id`` is a replaced process; what it leaves out
+        matches anything, and a sender that gives neither matches nothing."""
+        if address is None and instance is None:
+            return False
+        for old_address, old_instance, _ in self._by_id.get(id, ()):
+            address_matches = address is None or address == old_address
+            instance_matches = instance is None or instance == old_instance
+            if address_matches and instance_matches:
+                return True
+        return False
+
+    def expire(self, now: float, forget_after: float) -> None:
+        """Forget processes replaced ``forget_after`` seconds ago or more."""
+        for id, replaced in list(self._by_id.items()):
+            while replaced and now - replaced[0][2] >= forget_after:
+                replaced.popleft()
+            if not replaced:
+                del self._by_id[id]

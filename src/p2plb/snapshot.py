@@ -1,0 +1,119 @@
+"""The balancer's state file: the shape of a registry snapshot, and its checks.
+
+Rules of this module:
+
+* A snapshot is JSON: ``version`` (``SNAPSHOT_VERSION``), ``strategy``, the two
+  request totals and one row per indexer (``snapshot_row``).  It holds what a
+  restarted balancer needs to route at once, and nothing about health: that is
+  learnt again by probing.
+* ``parse_snapshot`` checks every field before the registry changes anything,
+  and refuses with a ``ValueError`` that names the field
+  (``snapshot.indexers[2].capacity: ...``).  Unknown and missing keys are
+  errors, so that a file from another version is never half understood.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2plb.backends import STATES, Entry
+from p2plb.errors import RequestError
+from p2plb.strategies import STRATEGIES
+from p2plb.wire import check_address, check_indexer_id
+
+__all__ = ["SNAPSHOT_VERSION", "parse_snapshot", "snapshot_row"]
+
+SNAPSHOT_VERSION = 1
+
+_TOP_KEYS = {"version", "strategy", "total_requests", "routed_requests", "indexers"}
+_ROW_KEYS = {
+    "id",
+    "address",
+    "capacity",
+    "zone",
+    "instance",
+    "state",
+    "reported_load",
+    "requests",
+    "routed",
+    "errors",
+    "served",
+}
+
+
+def snapshot_row(entry: Entry) -> dict[str, Any]:
+    """One indexer as the state file holds it."""
+    return {
+        "id": entry.id,
+        "address": entry.address,
+        "capacity": entry.capacity,
+        "zone": entry.zone,
+        "instance": entry.instance,
+        "state": entry.state,
+        "reported_load": entry.reported_load,
+        "requests": entry.requests,
+        "routed": entry.routed,
+        "errors": entry.errors,
+        "served": entry.served_seen,
+    }
+
+
+def parse_snapshot(snapshot: Any) -> list[dict[str, Any]]:
+    """Check every field of a snapshot; return its indexer rows, address
+    normalised.  Anything unexpected is a ``ValueError`` naming the field."""
+    _check_keys(snapshot, _TOP_KEYS, "snapshot")
+    version = snapshot["version"]
+    if version != SNAPSHOT_VERSION or isinstance(version, bool):
+        raise ValueError(
+            f"snapshot.version: expected {SNAPSHOT_VERSION}, got {version!r}"
+        )
+    if snapshot["strategy"] not in STRATEGIES:
+        raise ValueError(
+            f"snapshot.strategy: unknown strategy {snapshot['strategy']!r}"
+        )
+    for name in ("total_requests", "routed_requests"):
+        _expect_count(snapshot[name], f"snapshot.{name}", 0)
+    if not isinstance(snapshot["indexers"], list):
+        raise ValueError("snapshot.indexers: expected a list")
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, row in enumerate(snapshot["indexers"]):
+        where = f"snapshot.indexers[{index}]"
+        _check_keys(row, _ROW_KEYS, where)
+        try:
+            check_indexer_id(row["id"])
+            address = check_address(row["address"])
+        except RequestError as exc:
+            raise ValueError(f"{where}.{exc.message}") from None
+        if row["id"] in seen:
+            raise ValueError(f"{where}.id: {row['id']!r} appears twice")
+        seen.add(row["id"])
+        _expect_count(row["capacity"], f"{where}.capacity", 1)
+        for name in ("reported_load", "requests", "routed", "errors"):
+            _expect_count(row[name], f"{where}.{name}", 0)
+        if row["served"] is not None:
+            _expect_count(row["served"], f"{where}.served", 0)
+        for name in ("zone", "instance"):
+            if row[name] is not None and not isinstance(row[name], str):
+                raise ValueError(f"{where}.{name}: expected a string or null")
+        if row["state"] not in STATES:
+            raise ValueError(f"{where}.state: expected one of {', '.join(STATES)}")
+        rows.append({**row, "address": address})
+    return rows
+
+
+def _check_keys(value: Any, keys: set[str], where: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+    missing = keys - value.keys()
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(sorted(missing))}")
+    extra = value.keys() - keys
+    if extra:
+        raise ValueError(f"{where}: unexpected {', '.join(sorted(map(str, extra)))}")
+
+
+def _expect_count(value: Any, where: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: expected an integer >= {minimum}, got {value!r}")
