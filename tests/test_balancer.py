@@ -159,7 +159,8 @@ async def test_registration_validation_changes_nothing(
         400,
         "load: must be an integer >= 0, got -1",
     )
-    assert (await request(http, "GET", f"{url}/v1/indexers"))[1] == {"indexers": []}
+    listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]
+    assert listed["indexers"] == []
 
 
 async def test_register_unregister_report_and_superseded(
@@ -188,7 +189,28 @@ async def test_register_unregister_report_and_superseded(
     assert (status, body["error"]["code"]) == (409, "superseded")
     new = old | {"address": moved["address"], "instance": "b"}
     status, body, _ = await request(http, "PUT", f"{url}/v1/indexers/i1/load", json=new)
-    assert (status, body) == (200, {"peers": []})
+    assert (status, body["peers"]) == (200, [])
+
+    # The member list is sent again only when it changed.
+    held = new | {"peers_version": body["peers_version"]}
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/indexers/i1/load", json=held
+    )
+    assert (status, body) == (
+        200,
+        {"peers": None, "peers_version": held["peers_version"]},
+    )
+    since = {"members_since": str(held["peers_version"])}
+    listed = (await request(http, "GET", f"{url}/v1/indexers", params=since))[1]
+    assert listed == {"indexers": None, "members_version": held["peers_version"]}
+    other = {"id": "i2", "address": "http://127.0.0.1:9003", "capacity": 1}
+    await request(http, "POST", f"{url}/v1/indexers", json=other)
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/indexers/i1/load", json=held
+    )
+    assert [p["id"] for p in body["peers"]] == ["i2"]
+    assert body["peers_version"] > held["peers_version"]
+    await request(http, "DELETE", f"{url}/v1/indexers/i2")
 
     status, body, _ = await request(http, "PUT", f"{url}/v1/indexers/zz/load", json=new)
     assert (status, body["error"]["code"]) == (404, "indexer_not_found")

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _ROUTE_QUERY = frozenset({"index", "op"})
 _NO_QUERY: frozenset[str] = frozenset()
+_LIST_QUERY = frozenset({"members_since"})
 _OPS = ("read", "write")
 
 
@@ -286,7 +287,10 @@ class Balancer:
             entry.capacity,
             created,
         )
-        answer = self._entry_json(entry) | {"peers": self._peers(entry.id)}
+        answer = self._entry_json(entry) | {
+            "peers": self._peers(entry.id),
+            "peers_version": self.registry.members_version,
+        }
         return json_response(answer, status=201 if created else 200)
 
     async def unregister(self, request: web.Request) -> web.Response:
@@ -322,12 +326,27 @@ class Balancer:
             instance=body.instance,
         )
 
-        return json_response({"peers": self._peers(indexer_id)})
+        # The member list costs O(indexers) to build and send: only when it
+        # changed since the version the indexer says it holds.
+        version = self.registry.members_version
+        if body.peers_version == version:
+            return json_response({"peers": None, "peers_version": version})
+        peers = self._peers(indexer_id)
+        return json_response({"peers": peers, "peers_version": version})
 
     async def list_indexers(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        """Every indexer; with ``?members_since=V``, nothing if V is current.
+
+        Indexers poll this for replication; answering ``null`` while the
+        member list is unchanged keeps the poll cheap at thousands of them.
+        """
+        reject_unknown_query(request, _LIST_QUERY)
+        version = self.registry.members_version
+        since = request.query.get("members_since")
+        if since is not None and since == str(version):
+            return json_response({"indexers": None, "members_version": version})
         entries = [self._entry_json(e) for e in self.registry.entries()]
-        return json_response({"indexers": entries})
+        return json_response({"indexers": entries, "members_version": version})
 
     async def route(self, request: web.Request) -> web.Response:
         reject_unknown_query(request, _ROUTE_QUERY)

@@ -82,6 +82,10 @@ class Registry:
         self._total_requests = 0
         self._total_routed = 0
         self._version = 0
+        # Moves only when who is registered, where, healthy or serving changes:
+        # indexers ask for the member list only when it did (not on load).
+        self._members_version = 0
+        self._shown: dict[str, tuple[str, bool, str]] = {}
 
     # what the server reads -------------------------------------------------------
 
@@ -96,6 +100,11 @@ class Registry:
     @property
     def routed_requests(self) -> int:
         return self._total_routed
+
+    @property
+    def members_version(self) -> int:
+        """Changes when the member list as indexers see it changes."""
+        return self._members_version
 
     @property
     def version(self) -> int:
@@ -493,6 +502,10 @@ class Registry:
             return
         self._version += 1
         healthy = entry.health.healthy
+        shown = (entry.address, healthy, entry.state)
+        if self._shown.get(entry.id) != shown:
+            self._shown[entry.id] = shown
+            self._members_version += 1
         for pool, eligible in (
             (self._read, healthy and entry.state == "serving"),
             (self._write, healthy),
@@ -508,6 +521,8 @@ class Registry:
         self._write.discard(entry.id)
         self._ejected.discard(entry.id)
         self._version += 1
+        self._shown.pop(entry.id, None)
+        self._members_version += 1
 
     def _record(self, entry: Entry, change: HealthChange | None) -> None:
         if entry.health.ejected:

@@ -70,6 +70,7 @@ class Reporter:
         self._session: aiohttp.ClientSession | None = None
         self._registered: set[str] = set()
         self._kicked = asyncio.Event()
+        self._peers_version: dict[str, int] = {}
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(2.0, min(self.interval, 5.0)))
@@ -183,7 +184,7 @@ class Reporter:
             self.address,
             response.status == 201,
         )
-        self._peers(answer)
+        self._peers(answer, balancer)
 
     async def _report(self, balancer: str) -> bool:
         """One load report; True when this loop must end (superseded)."""
@@ -192,6 +193,7 @@ class Reporter:
             "protocol": PROTOCOL,
             "address": self.address,
             "instance": self.instance,
+            "peers_version": self._peers_version.get(balancer),
         }
         url = f"{balancer}/v1/indexers/{self.indexer_id}/load"
         async with self._session.put(
@@ -200,7 +202,7 @@ class Reporter:
             answer = await _json(r)
             status = r.status
         if status == 200:
-            self._peers(answer)
+            self._peers(answer, balancer)
             return False
         if status == 404:
             logger.info("reporter.unknown_to_balancer balancer=%s", balancer)
@@ -223,30 +225,43 @@ class Reporter:
 
         Replication needs a fresher view than the report interval gives: a
         write counts the copies it needs from it (design.md "Durability").
+        The balancer answers ``null`` while the list has not changed.
         """
         assert self._session is not None
         turn = 0
         while True:
             balancer = self.balancers[turn % len(self.balancers)]
+            params = {}
+            if balancer in self._peers_version:
+                params["members_since"] = str(self._peers_version[balancer])
             try:
-                async with self._session.get(f"{balancer}/v1/indexers") as response:
+                async with self._session.get(
+                    f"{balancer}/v1/indexers", params=params
+                ) as response:
                     answer = await _json(response)
                 if response.status == 200 and isinstance(answer, dict):
-                    members = answer.get("indexers")
-                    if isinstance(members, list) and self.on_peers is not None:
-                        self.on_peers([m for m in members if isinstance(m, dict)])
+                    answer = {
+                        "peers": answer.get("indexers"),
+                        "peers_version": answer.get("members_version"),
+                    }
+                    self._peers(answer, balancer)
                 else:
                     turn += 1
             except (aiohttp.ClientError, TimeoutError):
                 turn += 1  # try the next balancer
             await asyncio.sleep(self.membership_interval)
 
-    def _peers(self, answer: Any) -> None:
+    def _peers(self, answer: Any, balancer: str) -> None:
         if self.on_peers is None or not isinstance(answer, dict):
             return
         peers = answer.get("peers")
+        version = answer.get("peers_version")
         if isinstance(peers, list):
             self.on_peers([p for p in peers if isinstance(p, dict)])
+            if isinstance(version, int):
+                self._peers_version[balancer] = version
+        elif peers is None and version != self._peers_version.get(balancer):
+            self._peers_version.pop(balancer, None)  # out of step: ask in full
 
 
 class _Rejected(Exception):

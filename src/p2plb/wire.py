@@ -244,6 +244,7 @@ class LoadBody(msgspec.Struct):
     capacity: int | None = None
     address: str | None = None
     instance: str | None = None
+    peers_version: int | None = None  # the member list the indexer holds
     protocol: int = PROTOCOL
 
     def check(self) -> LoadBody:
