@@ -24,6 +24,7 @@ from typing import Any
 
 from p2plb.errors import ConfigError, RequestError
 from p2plb.wire import check_address, check_indexer_id
+from p2plb.workload import parse_antagonist
 
 __all__ = [
     "BALANCER_SETTINGS",
@@ -301,6 +302,20 @@ INDEXER_SETTINGS: tuple[Setting, ...] = (
         "resyncs from scratch.",
     ),
     Setting(
+        "service_time",
+        parse_duration,
+        None,
+        "Benchmarks only: each index request also takes an exponential time "
+        "with this mean.",
+    ),
+    Setting(
+        "antagonist",
+        parse_antagonist,
+        None,
+        "Benchmarks only: FACTOR/PERIOD, e.g. 5/5s: service is FACTOR times "
+        "slower every other PERIOD.",
+    ),
+    Setting(
         "membership_interval",
         parse_duration,
         1.0,
@@ -403,6 +418,8 @@ class IndexerConfig(_ServerConfig):
     read_wait: float
     anti_entropy_interval: float
     tombstone_grace: float
+    service_time: float | None
+    antagonist: tuple[float, float] | None
     membership_interval: float
 
 

@@ -38,6 +38,7 @@ from p2plb.web import (
     reject_unknown_query,
 )
 from p2plb.wire import PROTOCOL, ItemsBody, check_item, check_name, decode_body
+from p2plb.workload import ServiceModel
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Indexer", "LOAD_HEADER"]
 
@@ -69,6 +70,10 @@ class Indexer:
         self.limiter = Limiter(config.capacity, config.queue_limit)
         self.cache = ReadCache()
         self.served = 0
+        self.service_model: ServiceModel | None = None
+        if config.service_time is not None:
+            factor, period = config.antagonist or (1.0, 0.0)
+            self.service_model = ServiceModel(config.service_time, factor, period)
         self.url = config.advertise_url or ""
 
     @property
@@ -127,8 +132,12 @@ class Indexer:
         response.headers[LOAD_HEADER] = f"{self.limiter.load}/{self.config.capacity}"
 
     def _limited(self, handler: Any) -> Any:
+        model = self.service_model
+
         async def limited(request: web.Request) -> web.StreamResponse:
             async with self.limiter.slot():
+                if model is not None:
+                    await model.serve()  # benchmarks only: see workload.py
                 response: web.StreamResponse = await handler(request)
             self.served += 1
             return response
