@@ -1,0 +1,645 @@
+"""The asynchronous client: the index API, routed, retried, with fallback.
+
+Rules of this module:
+
+* Arguments are checked with ``p2plb.wire`` before anything is sent; a bad one
+  is ``RequestError(400, "invalid_field")`` and no request leaves the client.
+* ``mode="routed"`` (the default) picks an indexer in the client, from the
+  routing table (``p2plb.routing``), and calls it directly; ``mode="proxy"``
+  sends each call to the balancer, which forwards and retries.  In both modes
+  a background task refreshes the table from the current balancer every
+  ``refresh_interval``, so the client can fall back at any moment.
+* The client stays with one balancer until it fails (refused, reset, timed
+  out), then moves to the next.  When none answers, the very call that found
+  out goes directly to an indexer, from the last table or from the
+  ``indexers`` given; the background task probes the balancers with jittered
+  exponential backoff and the client returns to the first that answers.
+* Index operations are idempotent, so a failed attempt is retried on another
+  indexer after a refusal, reset, timeout, other 5xx, ``503 overloaded`` or
+  ``503 replica_behind``, up to ``retries`` times, if the retry budget
+  (``p2plb.budget``) allows.  Nothing is retried when no indexer is healthy.
+* Read your writes: every write answer carries a version; the highest seen
+  goes out as ``P2PLB-Min-Version`` on every read, by every path.
+* Only errors of ``p2plb.errors`` leave this module, each naming the node at
+  fault: a 4xx is a ``RequestError`` with the server's code, a 503 code its
+  ``RemoteError`` class, a connection problem ``Unreachable``, a timeout
+  ``Timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from p2plb.aliases import AsyncAliases
+from p2plb.budget import (
+    RETRYABLE,
+    RetryBudget,
+    backoff,
+    gave_up,
+    reason,
+    retry_after_of,
+)
+from p2plb.errors import (
+    NoHealthyIndexer,
+    Overloaded,
+    P2PLBError,
+    ReplicaBehind,
+    RequestError,
+    Timeout,
+    Unreachable,
+    UsageError,
+    error_from_body,
+)
+from p2plb.hlc import parse_version
+from p2plb.proxy import (
+    INDEXER_HEADER,
+    LOAD_HEADER,
+    MIN_VERSION_HEADER,
+    parse_load_header,
+)
+from p2plb.routing import Outcome, RoutingTable, Table, Target
+from p2plb.wire import (
+    check_address,
+    check_item,
+    check_items,
+    check_name,
+    encode,
+    invalid,
+)
+
+__all__ = ["MODES", "AsyncClient"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("routed", "proxy")
+_PROBE_FIRST, _PROBE_MAX = 0.2, 5.0  # seconds between balancer probes in fallback
+_TABLE_TIMEOUT = 2.0
+_FELL_BACK: Final = object()
+
+
+class AsyncClient(AsyncAliases):
+    """The p2plb index API for asyncio code; see design.md "Python client"."""
+
+    def __init__(
+        self,
+        balancers: str | Sequence[str] | None = None,
+        indexers: Sequence[str] = (),
+        *,
+        mode: str = "routed",
+        refresh_interval: float = 1.0,
+        timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+        retries: int = 3,
+        page_size: int = 1000,
+        token: str | None = None,
+        rng: int | random.Random | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise invalid("mode", f'must be "routed" or "proxy", got {mode!r}')
+        self._balancers = _addresses(balancers, "balancers")
+        self._indexers = _addresses(indexers, "indexers")
+        if not self._balancers and not self._indexers:
+            raise invalid("balancers", "give at least one balancer or indexer URL")
+        for field, seconds in (
+            ("refresh_interval", refresh_interval),
+            ("timeout", timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            if not seconds > 0:
+                raise invalid(field, f"must be more than 0 seconds, got {seconds!r}")
+        if retries < 0:
+            raise invalid("retries", f"must be 0 or more, got {retries}")
+        if not 1 <= page_size <= 10_000:
+            raise invalid("page_size", f"must be from 1 to 10000, got {page_size}")
+
+        self.mode = mode
+        self.refresh_interval = refresh_interval
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.page_size = page_size
+        self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        self._table = RoutingTable(clock=time.monotonic, rng=self._rng)
+        self._budget = RetryBudget(clock=time.monotonic)
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+
+        self._current = 0
+        self._in_fallback = False
+        self._fallbacks = 0
+        self._fell_back_at = 0.0
+        self._why_fallback = ""
+        self._retries = 0
+        self._min_version: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._refresh_lock = asyncio.Lock()
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the background refresh and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    # -- the index API -------------------------------------------------------------
+
+    async def add_to_index(self, index: str, item_or_items: str | Sequence[str]) -> int:
+        """Add one item or a batch; returns how many were new."""
+        path, body = _items_request(index, item_or_items, "/items")
+        return _count(await self._write(path, body), "added")
+
+    async def remove_from_index(
+        self, index: str, item_or_items: str | Sequence[str]
+    ) -> int:
+        """Remove one item or a batch; returns how many were there."""
+        path, body = _items_request(index, item_or_items, "/items/remove")
+        return _count(await self._write(path, body), "removed")
+
+    async def get_index(self, index: str) -> list[str] | None:
+        """Every item of ``index``, sorted, following pages to the end; or None."""
+        path = f"/v1/indices/{_quote(check_name(index, field='index'))}"
+        items: list[str] = []
+        after: str | None = None
+        while True:
+            query = f"?limit={self.page_size}"
+            if after is not None:
+                query += f"&after={_quote(after)}"
+            try:
+                page = await self._call("read", "GET", path + query)
+            except RequestError as exc:
+                if exc.code != "index_not_found":
+                    raise
+                return items or None  # emptied between two pages: what was read
+            found, after = page.get("items"), page.get("next")
+            if not isinstance(found, list) or not isinstance(after, str | None):
+                raise Unreachable(f"an index page without items or next: {page!r}")
+            items.extend(found)
+            if after is None:
+                return items
+
+    async def list_indices(self) -> list[str]:
+        """The sorted names of the indices that have items."""
+        answer = await self._call("read", "GET", "/v1/indices")
+        names = answer.get("indices")
+        if not isinstance(names, list):
+            raise Unreachable(f"a list of indices without indices: {answer!r}")
+        return names
+
+    async def set_load_balancer(self, url: str | Sequence[str]) -> None:
+        """Replace the balancers (one URL or several) and fetch a table from them."""
+        urls = _addresses(url, "url")
+        if not urls:
+            raise invalid("url", "give at least one balancer URL")
+        self._balancers, self._current = urls, 0
+        logger.info("client.balancers_set balancers=%s", ",".join(urls))
+        if self._task is not None:
+            await self._refresh()
+
+    async def stats(self) -> dict[str, Any]:
+        """Where requests went, what failed, and whether the client fell back."""
+        return {
+            "mode": self.mode,
+            "balancer": self._balancers[self._current] if self._balancers else None,
+            "balancers": list(self._balancers),
+            "in_fallback": self._in_fallback,
+            "fallbacks": self._fallbacks,
+            "retries": self._retries,
+            "requests": dict(self._table.requests),
+            "errors": dict(self._table.errors),
+            "table_version": self._table.version,
+            "table_source": self._table.source,
+            "strategy": self._table.strategy,
+            "min_version": self._min_version,
+        }
+
+    # -- one call, by one path or another -----------------------------------------
+
+    async def _write(self, path: str, body: bytes) -> dict[str, Any]:
+        answer = await self._call("write", "POST", path, body)
+        version = answer.get("version")
+        newer = self._min_version is None or str(version) > self._min_version
+        if isinstance(version, str) and newer and _is_version(version):
+            self._min_version = version
+        return answer
+
+    async def _call(
+        self, op: str, method: str, path: str, body: bytes | None = None
+    ) -> dict[str, Any]:
+        await self._start()
+        self._budget.deposit()
+        headers = self._headers
+        if op == "read" and self._min_version is not None:
+            headers = {**headers, MIN_VERSION_HEADER: self._min_version}
+        if self.mode == "proxy" and not self._in_fallback:
+            answer = await self._via_balancer(method, path, body, headers)
+            if answer is not _FELL_BACK:
+                return _object(answer)
+        return _object(await self._direct(op, method, path, body, headers))
+
+    async def _via_balancer(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> Any:
+        """The balancer's answer, or ``_FELL_BACK`` when no balancer answered."""
+        failures: list[str] = []
+        for url in self._rotation():
+            retry = 0
+            while True:
+                where = f"balancer {url}"
+                try:
+                    answer = await self._send(method, url + path, body, headers, where)
+                except (Unreachable, Timeout) as exc:
+                    failures.append(str(exc))
+                    logger.info("client.balancer_failed balancer=%s error=%s", url, exc)
+                    break
+                self._use_balancer(url)
+
+                indexer, load = answer.headers.get(INDEXER_HEADER), answer.load()
+                if indexer is not None:
+                    self._table.count(indexer, ok=answer.status < 500)
+                    if load is not None:
+                        self._table.observe_load(indexer, *load)
+                if answer.status < 400:
+                    return answer.json()
+                error = answer.error()
+                if not isinstance(error, Overloaded | ReplicaBehind):
+                    raise error
+                if retry >= self.retries or not self._budget.spend():
+                    raise error
+                retry += 1
+                self._retries += 1
+                await asyncio.sleep(
+                    backoff(retry, self._rng, retry_after=error.retry_after)
+                )
+        self._enter_fallback("; ".join(failures))
+        return _FELL_BACK
+
+    async def _direct(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> Any:
+        """Call indexers from the table, retrying another one on a failure."""
+        if self._table.source == "none":
+            raise Unreachable(
+                f"no balancer answered ({self._why_fallback}) and no indexers "
+                "were given to call directly (indexers=[...], or --indexer)"
+            )
+        tried: list[str] = []
+        attempts: list[str] = []
+        last: P2PLBError | None = None
+        for attempt in range(1 + self.retries):
+            # Another indexer while there is one not tried yet, then any again.
+            target = self._table.pick(op, exclude=tried)
+            again = target is None and bool(tried)
+            if again:
+                target = self._table.pick(op)
+            if target is None:
+                if last is None:
+                    raise NoHealthyIndexer(
+                        f"{self._table.describe_none(op)} ({self._source()})"
+                    )
+                break
+
+            # Retry-After speaks for the indexer that sent it: it is waited
+            # for only when the retry has to go back to an indexer tried.
+            if last is not None:
+                if not self._budget.spend():
+                    attempts.append("retry budget exhausted")
+                    break
+                self._retries += 1
+                after = retry_after_of(last) if again else None
+                await asyncio.sleep(backoff(attempt, self._rng, retry_after=after))
+
+            tried.append(target.id)
+            try:
+                return await self._attempt(target, method, path, body, headers)
+            except RETRYABLE as exc:
+                last = exc
+                attempts.append(f"{target.id} {reason(exc)}")
+
+        assert last is not None
+        raise gave_up(last, attempts) from last
+
+    async def _attempt(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> Any:
+        where = (
+            f"indexer {target.address}"
+            if target.id == target.address
+            else f"indexer {target.id} ({target.address})"
+        )
+        self._table.begin(target.id)
+        outcome: Outcome = "failed"
+        load = None
+        try:
+            answer = await self._send(
+                method, target.address + path, body, headers, where
+            )
+            load = answer.load()
+            if answer.status < 400:
+                payload = answer.json()
+                outcome = "ok"
+                return payload
+            error = answer.error()
+            if isinstance(error, RequestError):
+                outcome = "ok"  # the indexer works; the request was wrong
+            elif error.__class__ is not Unreachable:
+                outcome = "busy"  # a 503 with a code: a load signal, not a fault
+            raise error
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the caller went away: not the indexer's fault
+            raise
+        finally:
+            self._table.finish(target.id, outcome, load)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        where: str,
+        limit: aiohttp.ClientTimeout | None = None,
+    ) -> _Answer:
+        assert self._session is not None
+        options: dict[str, Any] = {} if limit is None else {"timeout": limit}
+        try:
+            async with self._session.request(
+                method, URL(url, encoded=True), data=body, headers=headers, **options
+            ) as response:
+                raw = await response.read()
+                return _Answer(response.status, raw, response.headers, where)
+        except TimeoutError as exc:
+            seconds = (limit.total if limit else None) or self.timeout
+            raise Timeout(f"{where} did not answer within {seconds:g} s") from exc
+        except aiohttp.ClientError as exc:
+            raise Unreachable(f"{where}: {_describe(exc)}") from exc
+
+    # -- balancers, the table and fallback ----------------------------------------
+
+    async def _start(self) -> None:
+        if self._closed:
+            raise UsageError("this client is closed; create a new one")
+        if self._task is not None:
+            return
+        async with self._start_lock:
+            if self._task is not None:
+                return
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=256, keepalive_timeout=30
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=self.timeout, connect=self.connect_timeout
+                ),
+            )
+            if self._indexers:
+                self._table.use_static(self._indexers)
+            if self._balancers:
+                await self._refresh()
+            else:
+                self._enter_fallback("no balancer given")
+            self._task = asyncio.create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Refresh the table every interval; in fallback, probe with backoff."""
+        probes = 0
+        while True:
+            if self._in_fallback:
+                probes += 1
+                ceiling = min(_PROBE_MAX, _PROBE_FIRST * 2 ** (probes - 1))
+                delay = ceiling * self._rng.uniform(0.5, 1.0)
+            else:
+                probes = 0
+                delay = self.refresh_interval * self._rng.uniform(0.9, 1.1)
+            await asyncio.sleep(delay)
+            try:
+                await self._refresh()
+            except Exception:  # the loop must outlive any surprise
+                logger.exception("client.refresh_crashed")
+
+    async def _refresh(self) -> bool:
+        """Fetch the table from the current balancer, else the next; else fall back.
+
+        A balancer whose table has no indexer serving reads (one restarted
+        without its state knows none until they report) counts as failing
+        while another balancer, or the last table, can do better.
+        """
+        async with self._refresh_lock:
+            failures: list[str] = []
+            empty: tuple[str, Table] | None = None
+            for url in self._rotation():
+                try:
+                    table = await self._fetch_table(url)
+                except P2PLBError as exc:
+                    failures.append(str(exc))
+                    if not self._in_fallback:
+                        logger.info(
+                            "client.balancer_failed balancer=%s error=%s", url, exc
+                        )
+                    continue
+                if not table.readable():
+                    failures.append(f"balancer {url} lists no indexer serving reads")
+                    empty = empty or (url, table)
+                    continue
+                self._table.apply(table)
+                self._use_balancer(url)
+                return True
+
+            if empty is not None and not self._table.readable():
+                self._table.apply(empty[1])
+                self._use_balancer(empty[0])
+                return True
+            if self._balancers:
+                self._enter_fallback("; ".join(failures))
+            return False
+
+    async def _fetch_table(self, url: str) -> Table:
+        where = f"balancer {url}"
+        limit = aiohttp.ClientTimeout(
+            total=min(self.timeout, _TABLE_TIMEOUT), connect=self.connect_timeout
+        )
+        answer = await self._send(
+            "GET", url + "/v1/routing-table", None, self._headers, where, limit
+        )
+        if answer.status != 200:
+            raise answer.error()
+        try:
+            return Table.parse(answer.json())
+        except ValueError as exc:
+            raise Unreachable(
+                f"{where} sent a routing table it cannot read: {exc}"
+            ) from None
+
+    def _rotation(self) -> list[str]:
+        """The balancers, the current one first, then the others in order."""
+        return self._balancers[self._current :] + self._balancers[: self._current]
+
+    def _use_balancer(self, url: str) -> None:
+        index = self._balancers.index(url) if url in self._balancers else None
+        if index is not None and index != self._current:
+            logger.info("client.balancer_switched to=%s", url)
+            self._current = index
+        if self._in_fallback:
+            self._in_fallback = False
+            waited = time.monotonic() - self._fell_back_at
+            logger.info("client.returned balancer=%s after_s=%.1f", url, waited)
+
+    def _enter_fallback(self, error: str) -> None:
+        if self._in_fallback:
+            return
+        self._in_fallback = True
+        self._fallbacks += 1
+        self._fell_back_at = time.monotonic()
+        self._why_fallback = error
+        logger.info(
+            "client.fallback balancer=%s error=%s using=%s",
+            self._balancer_list(),
+            error,
+            self._source(),
+        )
+
+    def _balancer_list(self) -> str:
+        return ",".join(self._balancers) or "none"
+
+    def _source(self) -> str:
+        if self._table.source == "balancer":
+            version = self._table.version
+            return f"routing table version {version}, {len(self._table)} indexers"
+        if self._table.source == "indexers":
+            return f"the {len(self._table)} indexers given"
+        return "no routing table"
+
+
+class _Answer:
+    """One HTTP answer, read whole."""
+
+    __slots__ = ("headers", "raw", "status", "where")
+
+    def __init__(
+        self, status: int, raw: bytes, headers: CIMultiDictProxy[str], where: str
+    ) -> None:
+        self.status, self.raw, self.headers, self.where = status, raw, headers, where
+
+    def json(self) -> Any:
+        try:
+            return msgspec.json.decode(self.raw)
+        except msgspec.DecodeError:
+            raise Unreachable(
+                f"{self.where} answered HTTP {self.status} with a body that is not JSON"
+            ) from None
+
+    def load(self) -> tuple[int, int] | None:
+        return parse_load_header(self.headers.get(LOAD_HEADER))
+
+    def error(self) -> P2PLBError:
+        try:
+            body = msgspec.json.decode(self.raw)
+        except msgspec.DecodeError:
+            body = None
+        retry_after = None
+        with contextlib.suppress(ValueError):
+            retry_after = float(self.headers.get("Retry-After", ""))
+        return error_from_body(
+            self.status, body, where=self.where, retry_after=retry_after
+        )
+
+
+def _addresses(value: str | Sequence[str] | None, field: str) -> list[str]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    return [check_address(v, field=field) for v in values]
+
+
+def _items_request(
+    index: str, item_or_items: str | Sequence[str], suffix: str
+) -> tuple[str, bytes]:
+    path = f"/v1/indices/{_quote(check_name(index, field='index'))}{suffix}"
+    if isinstance(item_or_items, str):
+        return path, encode({"item": check_item(item_or_items)})
+    items = list(item_or_items)
+    for item in items:
+        if not isinstance(item, str):
+            raise invalid("items", f"must be strings, got {type(item).__name__}")
+    return path, encode({"items": check_items(items)})
+
+
+def _is_version(text: str) -> bool:
+    try:
+        parse_version(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _quote(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _object(answer: Any) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        raise Unreachable(f"expected a JSON object, got {answer!r}")
+    return answer
+
+
+def _count(answer: dict[str, Any], key: str) -> int:
+    value = answer.get(key)
+    if type(value) is not int:
+        raise Unreachable(f"an answer without a count of {key!r}: {answer!r}")
+    return value
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if exc.os_error.errno is not None:
+            return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"
+        return f"cannot connect ({exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    return f"connection broken ({exc or type(exc).__name__})"

@@ -1,0 +1,432 @@
+"""A routed client's table of indexers, and its choice of one per request.
+
+Rules of this module:
+
+* No I/O: time comes from the ``clock`` passed in (monotonic seconds) and
+  randomness from the ``random.Random`` passed in.  The client feeds it the
+  balancer's routing table (``apply``), or the indexers it was given
+  (``use_static``), and tells it when each request starts and how it ended.
+* Reads go to healthy indexers whose state is ``serving``; writes to every
+  healthy one (a ``syncing`` indexer takes writes to catch up).
+* The load of an indexer is the freshest one known plus this client's own
+  requests in flight to it (design.md "Load").  The freshest known is the
+  ``P2PLB-Load`` header of its last answer for ``header_ttl`` seconds after it
+  came, else the table's load.
+* Picks use the balancer's own strategy classes (``p2plb.strategies``), one
+  per operation, updated incrementally: a pick stays sublinear in the number
+  of indexers.  A rebuild happens only when the strategy changes.
+* An indexer that fails ``failure_limit`` requests in a row (refused, reset,
+  timed out, 5xx other than a load signal) is avoided for ``avoid_for``
+  seconds, doubled each time it fails again on its first request back, up to
+  ``avoid_max``.  ``503 overloaded`` and ``503 replica_behind`` are load
+  signals, not failures.  If every eligible indexer is avoided, the one whose
+  avoidance ends first is used rather than none.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from p2plb.errors import RequestError
+from p2plb.strategies import STRATEGIES, Strategy, WeightedRandom, make_strategy
+from p2plb.wire import check_address
+
+__all__ = ["NEAR_TIE", "OPS", "Outcome", "Row", "RoutingTable", "Table", "Target"]
+
+logger = logging.getLogger(__name__)
+
+OPS = ("read", "write")
+Outcome = Literal["ok", "failed", "busy", "cancelled"]
+
+#: Relative loads within this of the chosen indexer's count as a tie (herd guard).
+NEAR_TIE = 0.1
+#: Capacity-weighted draws the herd guard makes before it keeps the strategy's pick.
+GUARD_DRAWS = 4
+_LOAD_AWARE = frozenset({"least_load", "p2c"})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One indexer as a routing table lists it."""
+
+    id: str
+    address: str
+    capacity: int
+    load: int
+    state: str
+    healthy: bool
+    zone: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    version: int | None
+    strategy: str
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def parse(cls, body: Any) -> Table:
+        """A ``GET /v1/routing-table`` answer; ``ValueError`` says what is wrong.
+
+        A strategy this client does not know (from a newer balancer) is run as
+        ``least_load``, so an old client keeps working.
+        """
+        if not isinstance(body, dict) or not isinstance(body.get("indexers"), list):
+            raise ValueError('expected an object with an "indexers" list')
+        version = body.get("version")
+        if version is not None and (type(version) is not int or version < 0):
+            raise ValueError(f"version: expected an integer, got {version!r}")
+        strategy = body.get("strategy")
+        if strategy not in STRATEGIES:
+            strategy = "least_load"
+        rows = tuple(_parse_row(row) for row in body["indexers"])
+        return cls(version, str(strategy), rows)
+
+    def readable(self) -> bool:
+        """Whether some indexer here can serve a read."""
+        return any(row.healthy and row.state == "serving" for row in self.rows)
+
+
+def _parse_row(row: Any) -> Row:
+    if not isinstance(row, dict):
+        raise ValueError(f"indexers: expected objects, got {row!r}")
+    id, capacity, load = row.get("id"), row.get("capacity"), row.get("load")
+    if not isinstance(id, str) or not id:
+        raise ValueError(f"indexers.id: expected a string, got {id!r}")
+    try:
+        address = check_address(row.get("address"), field="indexers.address")
+    except RequestError as exc:
+        raise ValueError(exc.message) from None
+    if type(capacity) is not int or capacity < 1:
+        raise ValueError(f"indexers.capacity of {id}: expected >= 1, got {capacity!r}")
+    if type(load) is not int or load < 0:
+        raise ValueError(f"indexers.load of {id}: expected >= 0, got {load!r}")
+    state, healthy, zone = row.get("state"), row.get("healthy"), row.get("zone")
+    if not isinstance(state, str) or not isinstance(healthy, bool):
+        raise ValueError(f"indexers.state/healthy of {id}: got {state!r}/{healthy!r}")
+    return Row(id, address, capacity, load, state, healthy, zone)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The indexer chosen for one attempt."""
+
+    id: str
+    address: str
+
+
+class _View:
+    """What this client knows about one indexer."""
+
+    __slots__ = (
+        "address", "avoid_for", "avoid_until", "capacity", "failures", "header_at",
+        "header_load", "healthy", "id", "inflight", "probation", "state",
+        "table_load",
+    )  # fmt: skip
+
+    def __init__(self, row: Row, avoid_for: float) -> None:
+        self.id = row.id
+        self.address = row.address
+        self.capacity = row.capacity
+        self.table_load = row.load
+        self.state = row.state
+        self.healthy = row.healthy
+        self.inflight = 0
+        self.header_load: int | None = None
+        self.header_at = -math.inf
+        self.failures = 0
+        self.avoid_until: float | None = None
+        self.avoid_for = avoid_for
+        self.probation = False
+
+
+class _Pool:
+    """The indexers eligible for one operation, in a strategy and a sampler."""
+
+    def __init__(self, strategy: str, rng: random.Random) -> None:
+        self.strategy: Strategy = make_strategy(strategy, rng)
+        self.sampler = WeightedRandom(rng) if strategy in _LOAD_AWARE else None
+        self.ratio: dict[str, float] = {}
+
+    def put(self, id: str, capacity: int, load: float) -> None:
+        self.strategy.set(id, capacity, load)
+        if self.sampler is not None:
+            self.sampler.set(id, capacity, 0)
+        self.ratio[id] = load / capacity
+
+    def drop(self, id: str) -> None:
+        self.strategy.discard(id)
+        if self.sampler is not None:
+            self.sampler.discard(id)
+        self.ratio.pop(id, None)
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        near_tie: float = NEAR_TIE,
+        failure_limit: int = 3,
+        avoid_for: float = 5.0,
+        avoid_max: float = 60.0,
+        header_ttl: float = 1.0,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.near_tie = near_tie
+        self.failure_limit = failure_limit
+        self.avoid_for = avoid_for
+        self.avoid_max = avoid_max
+        self.header_ttl = header_ttl
+
+        self.strategy: str | None = None
+        self.version: int | None = None
+        self.source = "none"  # "balancer" or "indexers" once filled
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._views: dict[str, _View] = {}
+        self._pools: dict[str, _Pool] = {}
+        self._avoided: list[tuple[float, str]] = []  # heap of (until, id)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def readable(self) -> bool:
+        """Whether some indexer here can serve a read, avoided or not."""
+        return any(v.healthy and v.state == "serving" for v in self._views.values())
+
+    # -- what the client learns ----------------------------------------------------
+
+    def apply(self, table: Table, *, source: str = "balancer") -> None:
+        """Take a new table; what this client learnt about kept indexers stays."""
+        now = self._clock()
+        rebuild = table.strategy != self.strategy
+        if rebuild:
+            self.strategy = table.strategy
+            self._pools = {op: _Pool(table.strategy, self._rng) for op in OPS}
+
+        # New indexers join the strategies in random order, so that clients
+        # reading the same table do not all give the first one the same phase.
+        rows = list(table.rows)
+        self._rng.shuffle(rows)
+        kept: set[str] = set()
+        for row in rows:
+            kept.add(row.id)
+            view = self._views.get(row.id)
+            if view is None or view.address != row.address:
+                if view is not None:
+                    self._drop(view.id)
+                view = self._views[row.id] = _View(row, self.avoid_for)
+            view.capacity, view.table_load = row.capacity, row.load
+            view.state, view.healthy = row.state, row.healthy
+        for id in [id for id in self._views if id not in kept]:
+            self._drop(id)
+            del self._views[id]
+        for view in self._views.values():
+            self._sync(view, now)
+
+        # Start the rotation at a random point of it (design.md: each client
+        # starts at a random point); without this a fresh round robin favours
+        # some indexers on its first pick by up to 1.6 times their share.
+        if rebuild and self.strategy == "round_robin":
+            for pool in self._pools.values():
+                for _ in range(self._rng.randrange(len(pool.strategy) or 1)):
+                    pool.strategy.pick()
+        self.version, self.source = table.version, source
+
+    def use_static(self, addresses: Sequence[str]) -> None:
+        """Indexers given directly: healthy, serving, capacity 1 until they say."""
+        rows = tuple(Row(a, a, 1, 0, "serving", True) for a in addresses)
+        self.apply(Table(None, self.strategy or "round_robin", rows), source="indexers")
+
+    def observe_load(self, id: str, load: int, capacity: int) -> None:
+        """A ``P2PLB-Load`` header of an answer from ``id``."""
+        view = self._views.get(id)
+        if view is None:
+            return
+        now = self._clock()
+        view.header_load, view.header_at = load, now
+        view.capacity = capacity
+        self._sync(view, now)
+
+    # -- a request's life ----------------------------------------------------------
+
+    def begin(self, id: str) -> None:
+        self.requests[id] += 1
+        view = self._views.get(id)
+        if view is not None:
+            view.inflight += 1
+            self._sync(view, self._clock())
+
+    def finish(
+        self, id: str, outcome: Outcome, load: tuple[int, int] | None = None
+    ) -> None:
+        """A request to ``id`` ended: answered, failed, refused for load, or
+        given up by the caller (which says nothing about the indexer)."""
+        if outcome in ("failed", "busy"):
+            self.errors[id] += 1
+        view = self._views.get(id)
+        if view is None:
+            return
+        now = self._clock()
+        view.inflight = max(0, view.inflight - 1)
+        if load is not None:
+            view.header_load, view.capacity = load
+            view.header_at = now
+
+        if outcome == "ok":
+            view.failures = 0
+            if view.probation:
+                view.probation, view.avoid_for = False, self.avoid_for
+        elif outcome == "failed":
+            view.failures += 1
+            if view.probation or view.failures >= self.failure_limit:
+                self._avoid(view, now)
+        self._sync(view, now)
+
+    def count(self, id: str, ok: bool) -> None:
+        """A request some other node routed to ``id`` (the proxy), for stats."""
+        self.requests[id] += 1
+        if not ok:
+            self.errors[id] += 1
+
+    # -- choosing ------------------------------------------------------------------
+
+    def pick(self, op: str, exclude: Collection[str] = ()) -> Target | None:
+        """The indexer for one attempt at ``op``, outside ``exclude``; or None."""
+        self._return_avoided(self._clock())
+        pool = self._pools.get(op)
+        id = None if pool is None else self._pick_in(pool, exclude)
+        if id is None:
+            id = self._least_avoided(op, exclude)
+        if id is None:
+            return None
+        return Target(id, self._views[id].address)
+
+    def describe_none(self, op: str) -> str:
+        """Why ``pick`` found nothing for ``op``, for the error a caller sees."""
+        total = len(self._views)
+        healthy = sum(1 for v in self._views.values() if v.healthy)
+        if op == "read" and healthy:
+            return (
+                f"no indexer can serve a read: {healthy} of {total} in the routing "
+                "table are healthy but none is serving (still syncing)"
+            )
+        return f"no healthy indexer: {healthy} of {total} in the routing table"
+
+    # Herd guard.  Every routed client reads the same table, refreshed once a
+    # second, and adds only its own requests in flight.  With least_load they
+    # would all see the same least loaded indexer and all send to it (the herd
+    # effect: Mitzenmacher, "How Useful Is Old Information?", IEEE TPDS 2000);
+    # with equal loads the strategies break ties uniformly, which gives a small
+    # indexer as many requests as a large one.  So for the load-aware
+    # strategies a client counts every indexer whose relative load is within
+    # ``near_tie`` of the strategy's pick as just as good, and chooses among
+    # them in proportion to capacity: up to GUARD_DRAWS capacity-weighted draws
+    # (O(log n) each), keeping the first that is within the tie, else the
+    # strategy's own pick.  Fifty clients on a fresh table then spread in
+    # proportion to capacity, while a clearly less loaded indexer still wins.
+
+    def _pick_in(self, pool: _Pool, exclude: Collection[str]) -> str | None:
+        id = pool.strategy.pick()
+        if id is not None and id in exclude:
+            id = self._pick_excluding(pool, exclude)
+        if id is None or pool.sampler is None:
+            return id
+
+        limit = pool.ratio[id] + self.near_tie
+        for _ in range(GUARD_DRAWS):
+            other = pool.sampler.pick()
+            if other is None or other in exclude:
+                continue
+            if pool.ratio[other] <= limit:
+                return other
+        return id
+
+    def _pick_excluding(self, pool: _Pool, exclude: Collection[str]) -> str | None:
+        # Picking again usually lands elsewhere; if the excluded ones keep
+        # winning (least_load), they leave the pool for one pick.
+        for _ in range(2 * len(exclude) + 2):
+            id = pool.strategy.pick()
+            if id is None or id not in exclude:
+                return id
+        removed = [id for id in exclude if id in pool.strategy]
+        for id in removed:
+            pool.strategy.discard(id)
+        try:
+            return pool.strategy.pick()
+        finally:
+            now = self._clock()
+            for id in removed:
+                view = self._views[id]
+                pool.strategy.set(id, view.capacity, self._load(view, now))
+
+    def _least_avoided(self, op: str, exclude: Collection[str]) -> str | None:
+        # O(n), but only when every eligible indexer is being avoided.
+        best: _View | None = None
+        for view in self._views.values():
+            if view.avoid_until is None or view.id in exclude:
+                continue
+            if not self._eligible(view, op, ignore_avoidance=True):
+                continue
+            if best is None or view.avoid_until < (best.avoid_until or 0.0):
+                best = view
+        return None if best is None else best.id
+
+    # -- internals -----------------------------------------------------------------
+
+    def _load(self, view: _View, now: float) -> int:
+        base = view.table_load
+        if view.header_load is not None and now - view.header_at < self.header_ttl:
+            base = view.header_load
+        return base + view.inflight
+
+    def _eligible(
+        self, view: _View, op: str, *, ignore_avoidance: bool = False
+    ) -> bool:
+        if not view.healthy or (op == "read" and view.state != "serving"):
+            return False
+        return ignore_avoidance or view.avoid_until is None
+
+    def _sync(self, view: _View, now: float) -> None:
+        load = self._load(view, now)
+        for op, pool in self._pools.items():
+            if self._eligible(view, op):
+                pool.put(view.id, view.capacity, load)
+            else:
+                pool.drop(view.id)
+
+    def _drop(self, id: str) -> None:
+        for pool in self._pools.values():
+            pool.drop(id)
+
+    def _avoid(self, view: _View, now: float) -> None:
+        view.avoid_until = now + view.avoid_for
+        logger.info(
+            "client.indexer_avoided id=%s address=%s for_s=%.1f",
+            view.id,
+            view.address,
+            view.avoid_for,
+        )
+        heapq.heappush(self._avoided, (view.avoid_until, view.id))
+        view.avoid_for = min(self.avoid_max, view.avoid_for * 2)
+        view.failures, view.probation = 0, False
+
+    def _return_avoided(self, now: float) -> None:
+        while self._avoided and self._avoided[0][0] <= now:
+            until, id = heapq.heappop(self._avoided)
+            view = self._views.get(id)
+            if view is None or view.avoid_until != until:
+                continue  # gone, or replaced by a new registration
+            view.avoid_until, view.probation = None, True
+            logger.info("client.indexer_retried id=%s address=%s", id, view.address)
+            self._sync(view, now)

@@ -1,0 +1,253 @@
+"""How the client fails, retries and spends its retry budget, against small
+in-process servers that answer exactly what a test needs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from p2plb import AsyncClient
+from p2plb.errors import (
+    InsufficientReplicas,
+    Overloaded,
+    ReplicaBehind,
+    RequestError,
+    Timeout,
+    Unreachable,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return web.Response(
+        status=status, body=body, content_type="application/json", headers=headers
+    )
+
+
+class Fake:
+    """An indexer (and balancer) stand-in: counts index calls, answers ``handle``.
+
+    Its routing table lists itself alone, so it serves routed, proxy and
+    fallback clients alike.
+    """
+
+    def __init__(self, name: str, handle: Handler) -> None:
+        self.name = name
+        self.handle = handle
+        self.calls: list[web.Request] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> Fake:
+        app = web.Application()
+        app.router.add_get("/v1/routing-table", self.table)
+        app.router.add_route("*", "/v1/indices{rest:.*}", self.index)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def table(self, request: web.Request) -> web.Response:
+        row = {
+            "id": self.name,
+            "address": self.url,
+            "capacity": 4,
+            "load": 0,
+            "state": "serving",
+            "healthy": True,
+            "zone": None,
+        }
+        return web.json_response(
+            {"version": 1, "strategy": "round_robin", "indexers": [row]}
+        )
+
+    async def index(self, request: web.Request) -> web.Response:
+        self.calls.append(request)
+        return await self.handle(request)
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[Callable[[str, Handler], Awaitable[Fake]]]:
+    started: list[Fake] = []
+
+    async def start(name: str, handle: Handler) -> Fake:
+        fake = await Fake(name, handle).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        await fake.stop()
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def overloaded(request: web.Request) -> web.Response:
+    return error(
+        503, "overloaded", "at capacity", **{"Retry-After": "1", "P2PLB-Load": "9/4"}
+    )
+
+
+# -- the retry budget --------------------------------------------------------------
+
+
+async def test_retries_stay_within_the_budget_when_every_indexer_is_overloaded(
+    fakes: Callable[[str, Handler], Awaitable[Fake]],
+) -> None:
+    first, second = await fakes("f1", overloaded), await fakes("f2", overloaded)
+
+    async with AsyncClient(indexers=[first.url, second.url], retries=3) as client:
+        answers = await asyncio.gather(
+            *(client.get_index("songs") for _ in range(100)), return_exceptions=True
+        )
+        stats = await client.stats()
+
+    attempts = len(first.calls) + len(second.calls)
+    # 100 calls earn 20 retries, the reserve holds 10; without a budget: 400.
+    assert 100 + 20 <= attempts <= 1.2 * 100 + 10 + 1
+    assert stats["retries"] == attempts - 100
+    assert all(isinstance(a, Overloaded) for a in answers)
+    messages = {str(a).split(" (gave up")[0] for a in answers}
+    assert messages == {
+        f"indexer {first.url}: at capacity",
+        f"indexer {second.url}: at capacity",
+    }
+    assert any(str(a).endswith("retry budget exhausted)") for a in answers)
+    assert any(
+        "(gave up after http://127.0.0.1:" in str(a) and " overloaded; " in str(a)
+        for a in answers
+    )
+
+
+async def test_a_retry_goes_to_another_indexer(
+    fakes: Callable[[str, Handler], Awaitable[Fake]],
+) -> None:
+    async def fine(request: web.Request) -> web.Response:
+        return web.json_response({"name": "s", "items": ["a"], "next": None})
+
+    busy, good = await fakes("busy", overloaded), await fakes("good", fine)
+
+    async with AsyncClient(indexers=[busy.url, good.url], rng=0) as client:
+        results = [await client.get_index("s") for _ in range(10)]
+        stats = await client.stats()
+
+    assert results == [["a"]] * 10
+    assert len(good.calls) == 10
+    assert stats["retries"] == len(busy.calls) > 0
+    assert stats["errors"] == {busy.url: len(busy.calls)}
+
+
+# -- each failure, its exception and its message -----------------------------------
+
+
+async def test_answers_become_the_matching_exceptions(
+    fakes: Callable[[str, Handler], Awaitable[Fake]],
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        name = request.path.split("/")[3]
+        if name == "bad":
+            return error(400, "invalid_field", "limit: too big")
+        if name == "behind":
+            return error(503, "replica_behind", "not caught up to 00000000000000ff")
+        if name == "full":
+            return error(503, "insufficient_replicas", "1 of 2 replicas")
+        if name == "boom":
+            return error(500, "internal_error", "something broke")
+        if name == "slow":
+            await asyncio.sleep(1.0)
+        return error(404, "index_not_found", f"name: index {name!r} has no items")
+
+    fake = await fakes("f1", answer)
+    where = f"indexer {fake.url}"
+
+    async with AsyncClient(indexers=[fake.url], retries=1, timeout=0.2) as client:
+        with pytest.raises(RequestError) as bad:
+            await client.get_index("bad")
+        assert (bad.value.status, bad.value.code) == (400, "invalid_field")
+        assert str(bad.value) == f"{where}: limit: too big"
+
+        with pytest.raises(ReplicaBehind) as behind:
+            await client.get_index("behind")
+        assert str(behind.value) == (
+            f"{where}: not caught up to 00000000000000ff (gave up after "
+            f"{fake.url} replica_behind; {fake.url} replica_behind)"
+        )
+
+        calls = len(fake.calls)
+        with pytest.raises(InsufficientReplicas) as full:
+            await client.add_to_index("full", "x")
+        assert str(full.value) == f"{where}: 1 of 2 replicas"
+        assert len(fake.calls) == calls + 1, "not retried: it may still apply"
+
+        with pytest.raises(Unreachable) as boom:
+            await client.get_index("boom")
+        assert str(boom.value).startswith(
+            f"{where} answered HTTP 500: something broke (gave up after"
+        )
+
+        with pytest.raises(Timeout) as slow:
+            await client.get_index("slow")
+        assert str(slow.value).startswith(f"{where} did not answer within 0.2 s")
+
+        assert await client.get_index("nothing") is None
+
+
+async def test_a_refused_connection_is_unreachable() -> None:
+    url = dead_url()
+    async with AsyncClient(indexers=[url], retries=0) as client:
+        with pytest.raises(Unreachable) as caught:
+            await client.add_to_index("songs", "x")
+
+    assert str(caught.value) == (f"indexer {url}: cannot connect (connection refused)")
+    assert isinstance(caught.value.__cause__, Exception)
+
+
+# -- read your writes: the version goes out on every path --------------------------
+
+
+@pytest.mark.parametrize("path", ["routed", "proxy", "fallback"])
+async def test_reads_carry_the_highest_version_written(
+    fakes: Callable[[str, Handler], Awaitable[Fake]], path: str
+) -> None:
+    versions = iter(["00000000000000a0", "00000000000000b0", "000000000000009f"])
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            return web.json_response({"added": 1, "version": next(versions)})
+        return web.json_response({"indices": ["s"]})
+
+    fake = await fakes("f1", answer)
+    if path == "fallback":
+        client = AsyncClient(balancers=[dead_url()], indexers=[fake.url])
+    else:
+        client = AsyncClient(balancers=[fake.url], mode=path)
+
+    async with client:
+        await client.list_indices()
+        for _ in range(3):
+            await client.add_to_index("s", "x")
+        await client.list_indices()
+        stats = await client.stats()
+
+    sent = [r.headers.get("P2PLB-Min-Version") for r in fake.calls if r.method == "GET"]
+    assert sent == [None, "00000000000000b0"]
+    assert stats["min_version"] == "00000000000000b0"
+    assert stats["in_fallback"] is (path == "fallback")
