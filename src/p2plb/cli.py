@@ -20,9 +20,11 @@ import click
 
 from p2plb import __version__
 from p2plb.admin import Answer, get_status, get_strategy, set_strategy
+from p2plb.client import AsyncClient
 from p2plb.config import (
     BALANCER_SETTINGS,
     INDEXER_SETTINGS,
+    STRATEGY_NAMES,
     BalancerConfig,
     IndexerConfig,
     Setting,
@@ -30,7 +32,7 @@ from p2plb.config import (
     env_name,
     read_config_file,
 )
-from p2plb.errors import ConfigError, P2PLBError, RequestError
+from p2plb.errors import ConfigError, P2PLBError, RequestError, UsageError
 from p2plb.logs import configure
 from p2plb.wire import check_address
 
@@ -294,6 +296,301 @@ def strategy(
         )
     if failed:
         sys.exit(1)
+
+
+# -- index commands: the Python client, one call each ------------------------------
+
+
+def _index_options(func: F) -> F:
+    func = click.option(
+        "--mode",
+        type=click.Choice(["routed", "proxy"]),
+        default="routed",
+        show_default=True,
+        help="routed: call the indexer the routing table picks; proxy: go through "
+        "the balancer.",
+    )(func)
+    func = click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON instead of text."
+    )(func)
+    func = click.option(
+        "--indexer",
+        "indexers",
+        multiple=True,
+        metavar="URL",
+        help="Indexer to call directly when no balancer answers; repeat for several.",
+    )(func)
+    return click.option(
+        "--balancer",
+        "balancers",
+        multiple=True,
+        metavar="URL",
+        help=f"Balancer to use; repeat for several, the first that answers is used "
+        f"(env P2PLB_BALANCERS; default {DEFAULT_BALANCER}).",
+    )(func)
+
+
+def _index_call(
+    balancers: tuple[str, ...],
+    indexers: tuple[str, ...],
+    mode: str,
+    call: Callable[[AsyncClient], Coroutine[Any, Any, T]],
+) -> T:
+    """Run ``call`` with a client; every failure ends in one line and an exit code."""
+    # With only --indexer given, no balancer is tried (not even the default).
+    only_indexers = indexers and not balancers and not os.environ.get("P2PLB_BALANCERS")
+    urls = [] if only_indexers else _balancer_urls(balancers)
+    try:
+        direct = [check_address(u, field="--indexer") for u in indexers]
+    except RequestError as exc:
+        _fail(exc.message)
+
+    async def run() -> T:
+        async with AsyncClient(urls, direct, mode=mode) as client:
+            return await call(client)
+
+    try:
+        return _run(run())
+    except UsageError as exc:
+        _fail(str(exc))
+    except P2PLBError as exc:
+        _fail(str(exc), code=1)
+
+
+@cli.command(name="add")
+@click.argument("index")
+@click.argument("items", nargs=-1, required=True, metavar="ITEM...")
+@_index_options
+def add_command(
+    index: str,
+    items: tuple[str, ...],
+    balancers: tuple[str, ...],
+    indexers: tuple[str, ...],
+    as_json: bool,
+    mode: str,
+) -> None:
+    """Add ITEMs to the index INDEX; prints how many were new (added N).
+
+    Example:
+
+    \b
+        p2plb add songs peer-17 peer-42 --balancer http://127.0.0.1:7400
+    """
+    count = _index_call(
+        balancers, indexers, mode, lambda c: c.add_to_index(index, list(items))
+    )
+    click.echo(json.dumps({"added": count}) if as_json else f"added {count}")
+
+
+@cli.command(name="remove")
+@click.argument("index")
+@click.argument("items", nargs=-1, required=True, metavar="ITEM...")
+@_index_options
+def remove_command(
+    index: str,
+    items: tuple[str, ...],
+    balancers: tuple[str, ...],
+    indexers: tuple[str, ...],
+    as_json: bool,
+    mode: str,
+) -> None:
+    """Remove ITEMs from the index INDEX; prints how many were there (removed N).
+
+    Example:
+
+    \b
+        p2plb remove songs peer-17 --balancer http://127.0.0.1:7400
+    """
+    count = _index_call(
+        balancers, indexers, mode, lambda c: c.remove_from_index(index, list(items))
+    )
+    click.echo(json.dumps({"removed": count}) if as_json else f"removed {count}")
+
+
+@cli.command(name="get")
+@click.argument("index")
+@_index_options
+def get_command(
+    index: str,
+    balancers: tuple[str, ...],
+    indexers: tuple[str, ...],
+    as_json: bool,
+    mode: str,
+) -> None:
+    """Print the items of INDEX, one per line, sorted.
+
+    An index with no items is not found: exit code 1 (with --json, items is
+    null).
+
+    Example:
+
+    \b
+        p2plb get songs --balancer http://127.0.0.1:7400
+        p2plb get songs --indexer http://127.0.0.1:7401 --json
+    """
+    items = _index_call(balancers, indexers, mode, lambda c: c.get_index(index))
+    if as_json:
+        click.echo(json.dumps({"index": index, "items": items}))
+    else:
+        for item in items or ():
+            click.echo(item)
+    if items is None:
+        _fail(f"index {index!r} not found (it has no items)", code=1)
+
+
+@cli.command(name="list")
+@_index_options
+def list_command(
+    balancers: tuple[str, ...], indexers: tuple[str, ...], as_json: bool, mode: str
+) -> None:
+    """Print the names of the indices that have items, one per line, sorted.
+
+    Example:
+
+    \b
+        p2plb list --balancer http://127.0.0.1:7400
+        P2PLB_BALANCERS=http://10.0.0.5:7400 p2plb list --json
+    """
+    names = _index_call(balancers, indexers, mode, lambda c: c.list_indices())
+    if as_json:
+        click.echo(json.dumps({"indices": names}))
+    else:
+        for name in names:
+            click.echo(name)
+
+
+@cli.command()
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=1.0),
+    default=15.0,
+    show_default=True,
+    help="Seconds of workload (an indexer is killed halfway).",
+)
+@click.option(
+    "--indexers",
+    type=click.IntRange(3, 16),
+    default=3,
+    show_default=True,
+    help="Indexers to start: one is killed, and a write needs two copies.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGY_NAMES),
+    default="least_load",
+    show_default=True,
+    help="The balancer's strategy.",
+)
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="Leave the cluster up at the end, to explore with p2plb status.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the corpus sample, the workload and the indexer killed.",
+)
+@click.option(
+    "--quick", is_flag=True, help="A short run: a small corpus, 3 s of workload."
+)
+def demo(
+    duration: float,
+    indexers: int,
+    strategy: str,
+    keep_running: bool,
+    seed: int,
+    quick: bool,
+) -> None:
+    """Start a balancer and indexers on loopback and put them to work.
+
+    Loads an inverted index of the standard library's docstrings (word ->
+    modules) through the client, runs a read-heavy workload with words drawn
+    by their frequency, kills one indexer with SIGKILL halfway, and shows
+    where the requests went.  Everything runs in a temporary directory that
+    is removed at the end, unless --keep-running.
+
+    Example: p2plb demo --duration 30 --strategy p2c
+    """
+    configure("WARNING")
+    from rich.console import Console
+
+    from p2plb.demo import DemoOptions, run_demo
+
+    options = DemoOptions(duration, indexers, strategy, keep_running, seed, quick)
+    # Off a terminal rich would wrap at 80 columns; the report is wider.
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    try:
+        code = _run(run_demo(options, console))
+    except P2PLBError as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        _fail("interrupted; the cluster was stopped", code=130)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("scenario", default="steady")
+@click.option(
+    "--strategy",
+    "strategies",
+    multiple=True,
+    metavar="NAME",
+    help="A policy to run (repeat); default: every strategy and reference.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--duration", type=float, default=None, help="Simulated seconds.")
+@click.option("--indexers", type=int, default=None, help="Indexers (large only).")
+@click.option("--load", type=float, default=None, help="Offered load, 0-1.")
+@click.option(
+    "--report-interval",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds between load reports.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def simulate(
+    scenario: str,
+    strategies: tuple[str, ...],
+    seed: int,
+    duration: float | None,
+    indexers: int | None,
+    load: float | None,
+    report_interval: float,
+    as_json: bool,
+) -> None:
+    """Simulate a scenario with the balancer's own strategy classes.
+
+    SCENARIO is steady, antagonist, stale or large.  Besides the product's
+    strategies it runs references: unweighted round robin, ideal
+    join-the-shortest-queue and one central queue.  Deterministic per --seed.
+
+    Example: p2plb simulate antagonist --strategy least_load --strategy p2c
+    """
+    from rich.console import Console
+
+    from p2plb.simulation import render
+    from p2plb.simulation import simulate as run_simulation
+
+    try:
+        report = run_simulation(
+            scenario,
+            strategies=list(strategies) or None,
+            seed=seed,
+            duration=duration,
+            indexers=indexers,
+            load=load,
+            report_interval=report_interval,
+        )
+    except P2PLBError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(report.to_json(indent=2))
+    else:
+        Console(width=None if sys.stdout.isatty() else 140).print(render(report))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
