@@ -593,3 +593,28 @@ def test_replaced_processes_are_remembered_for_forget_after(clock: FakeClock) ->
     registry.register("i1", addr(7401), 10, instance="a")
     assert registry.report("i1", 1, "serving", instance="a").instance == "a"
     assert error_of(registry.report, "i1", 0, "serving", instance="b")[0] == 409
+
+
+def test_a_report_is_not_counted_twice_with_the_requests_in_flight(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock)
+    registry.register("i1", "http://127.0.0.1:9001", 10)
+    flights = [registry.begin("i1") for _ in range(3)]
+    entry = registry.get("i1")
+    assert entry is not None and entry.load == 3
+
+    registry.report("i1", 5, "serving")  # the indexer counts our 3 among its 5
+    assert entry.load == 5
+
+    for flight in flights:
+        registry.finish(flight, ok=True, latency_s=0.01)
+    assert entry.load == 2  # the 2 that came from elsewhere
+
+    registry.observe_load("i1", 4, 10)  # on an answer, with nothing of ours left
+    assert entry.load == 4
+    flight = registry.begin("i1")
+    registry.observe_load("i1", 4, 10)  # the answer to that one: it left the count
+    assert entry.load == 5
+    registry.finish(flight, ok=True, latency_s=0.01)
+    assert entry.load == 4

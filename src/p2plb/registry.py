@@ -260,6 +260,7 @@ class Registry:
             raise _not_found(id)
 
         entry.reported_load = load
+        entry.inflight_at_report = entry.inflight
         entry.state = state
         entry.last_report = now
         if entry.instance is None:
@@ -278,6 +279,8 @@ class Registry:
         if entry is None or load < 0 or capacity < 1:
             return
         entry.reported_load = load
+        # The answer carrying the header left the indexer's count already.
+        entry.inflight_at_report = max(0, entry.inflight - 1)
         entry.capacity = capacity
         self._sync(entry)
 
