@@ -113,7 +113,7 @@ async def test_read_your_writes_through_the_proxy_on_every_write(
 async def test_min_version_header_is_checked(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:
-    balancer, indexers = await start_cluster(procs, 2, "--read-wait", "0.3s")
+    balancer, indexers = await start_cluster(procs, 2, "--read-wait", "1s")
     await serving(http, balancer, set(indexers))
     indexers["i1"].wait_for(r"replication\.peer_added id=i2")
     url = indexers["i1"].url

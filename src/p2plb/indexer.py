@@ -121,6 +121,7 @@ class Indexer:
         )
         # Between indexers: never behind the capacity limit.
         app.router.add_post("/internal/v1/push", self.push)
+        app.router.add_post("/internal/v1/beat", self.beat)
         app.router.add_get("/internal/v1/summary", self.summary)
         app.router.add_get("/internal/v1/buckets", self.buckets)
         app.router.add_get("/internal/v1/bucket", self.bucket)
@@ -284,6 +285,11 @@ class Indexer:
         self.replicator.authorize(request.headers.get("Authorization"))
         body = await read_body(request, _REPLICATION_BODY)
         return json_response(await self.replicator.receive_push(body))
+
+    async def beat(self, request: web.Request) -> web.Response:
+        self.replicator.authorize(request.headers.get("Authorization"))
+        body = await read_body(request, self.config.max_body_size)
+        return json_response(await self.replicator.beat(body))
 
     async def summary(self, request: web.Request) -> web.Response:
         self.replicator.authorize(request.headers.get("Authorization"))

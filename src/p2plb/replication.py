@@ -98,6 +98,7 @@ class Peer:
     failures: int = 0
     marks: dict[str, int] | None = None  # its watermarks, from its last summary
     pulling: asyncio.Lock = field(default_factory=asyncio.Lock)
+    beat_asked: int = 0  # the highest version a heartbeat was asked for
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -390,6 +391,9 @@ class Replicator:
                 continue
             quiet = now - peer.heard > self.settings.quiet_after or not peer.healthy
             if not quiet:
+                # An idle peer's watermark moves with its heartbeats; ask it for
+                # one now rather than wait up to a heartbeat interval.
+                self._ask_beat(peer, version)
                 return False
             # A quiet peer's acknowledged writes are also on a live peer: they
             # are here once a pull from every live peer began after it went quiet.
@@ -397,6 +401,35 @@ class Replicator:
                 self._sync_soon(peer.id)
                 return False
         return True
+
+    def _ask_beat(self, peer: Peer, version: int) -> None:
+        if peer.beat_asked >= version:
+            return
+        peer.beat_asked = version
+
+        async def ask() -> None:
+            assert self._session is not None
+            body = encode({"protocol": PROTOCOL, "at_least": version})
+            url = f"{peer.address}/internal/v1/beat"
+            try:
+                async with self._session.post(url, data=body) as response:
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                peer.beat_asked = 0  # ask again on the next read that needs it
+
+        self._spawn(ask())
+
+    async def beat(self, body: bytes) -> dict[str, Any]:
+        """A peer waits for our watermark to reach a version: push a tick now."""
+        try:
+            asked = msgspec.json.decode(body, type=_Beat)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RequestError(400, "invalid_json", f"body: {exc}") from None
+        await self.storage.tick(at_least=asked.at_least)
+        for peer in self.peers.values():
+            peer.beat = True
+            peer.wake.set()
+        return {"protocol": PROTOCOL}
 
     def _synced_since(self, moment: float) -> bool:
         live = [p for p in self.peers.values() if self._live(p)]
@@ -643,6 +676,11 @@ class _Push(msgspec.Struct):
     base: int | None = None
     need: int | None = None
     address: str | None = None
+    protocol: int = PROTOCOL
+
+
+class _Beat(msgspec.Struct):
+    at_least: int
     protocol: int = PROTOCOL
 
 

@@ -333,14 +333,17 @@ class Storage:
         await self._write("wipe", apply)
         self.watermarks = {self._node_id: self.committed}
 
-    async def tick(self) -> int:
+    async def tick(self, at_least: int = 0) -> int:
         """Commit a fresh clock value; every local write up to it is committed.
 
         Replication sends it to peers as a heartbeat, so their watermark of
-        this node moves on even when it takes no writes.
+        this node moves on even when it takes no writes.  ``at_least`` makes
+        the value pass a version a reader is waiting for.
         """
 
         def apply(conn: sqlite3.Connection, group: Group) -> int:
+            if at_least:
+                self._clock.observe(min(at_least, MAX_STORED_VERSION))
             return self._clock.now()
 
         return await self._write("tick", apply)
