@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -72,12 +73,14 @@ async def _each(
     path: str,
     body: dict[str, Any] | None = None,
     token: str | None = None,
+    tls: SSLContext | None = None,
 ) -> list[Answer]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=_TIMEOUT)
+        timeout=aiohttp.ClientTimeout(total=_TIMEOUT),
+        connector=aiohttp.TCPConnector(ssl=tls or True),
     ) as session:
         return list(
             await asyncio.gather(
@@ -87,20 +90,22 @@ async def _each(
 
 
 async def get_status(
-    balancers: Sequence[str], token: str | None = None
+    balancers: Sequence[str], token: str | None = None, tls: SSLContext | None = None
 ) -> list[Answer]:
-    return await _each(balancers, "GET", "/v1/status", token=token)
+    return await _each(balancers, "GET", "/v1/status", token=token, tls=tls)
 
 
 async def get_strategy(
-    balancers: Sequence[str], token: str | None = None
+    balancers: Sequence[str], token: str | None = None, tls: SSLContext | None = None
 ) -> list[Answer]:
-    return await _each(balancers, "GET", "/v1/strategy", token=token)
+    return await _each(balancers, "GET", "/v1/strategy", token=token, tls=tls)
 
 
 async def set_strategy(
-    balancers: Sequence[str], name: str, token: str | None = None
+    balancers: Sequence[str],
+    name: str,
+    token: str | None = None,
+    tls: SSLContext | None = None,
 ) -> list[Answer]:
-    return await _each(
-        balancers, "PUT", "/v1/strategy", body={"strategy": name}, token=token
-    )
+    body = {"strategy": name}
+    return await _each(balancers, "PUT", "/v1/strategy", body, token, tls)

@@ -31,6 +31,7 @@ from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.proxy import Proxy, parse_load_header
 from p2plb.registry import Entry, Registry
 from p2plb.state import StateFileError, load_state, save_state, set_aside
+from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
 from p2plb.web import error_middleware, json_response, read_body, reject_unknown_query
 from p2plb.wire import (
@@ -74,6 +75,7 @@ class Balancer:
             retries=config.proxy_retries,
             max_body_size=config.max_body_size,
             observe=self._observe_proxy,
+            ssl=client_context(config.ca_file),
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._probe_session: aiohttp.ClientSession | None = None
@@ -109,7 +111,9 @@ class Balancer:
         await self.proxy.start()
         self._probe_session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.probe_timeout),
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=256, keepalive_timeout=30, ssl=client_context(self.config.ca_file)
+            ),
         )
         # Probe restored indexers at once, so routing resumes without waiting
         # for their next report.
@@ -429,7 +433,9 @@ async def run_balancer(config: BalancerConfig) -> None:
     """Restore, serve until a signal, then save the state (design.md)."""
     from p2plb.lifecycle import bind, run_server
 
-    listener = bind(config.host, config.port)
+    listener = bind(
+        config.host, config.port, server_context(config.tls_cert, config.tls_key)
+    )
     balancer = Balancer(config)
     balancer.restore()
 

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -34,6 +35,7 @@ from p2plb.config import (
 )
 from p2plb.errors import ConfigError, P2PLBError, RequestError, UsageError
 from p2plb.logs import configure
+from p2plb.tls import client_context
 from p2plb.wire import check_address
 
 __all__ = ["main"]
@@ -211,7 +213,18 @@ def _split_list(raw: object) -> list[str]:
     return [p for item in items for p in str(item).replace(",", " ").split()]
 
 
+def _ca_option(func: F) -> F:
+    return click.option(
+        "--ca-file",
+        envvar="P2PLB_CA_FILE",
+        show_envvar=True,
+        default=None,
+        help="CA bundle to verify https:// balancers and indexers with.",
+    )(func)
+
+
 def _balancer_option(func: F) -> F:
+    func = _ca_option(func)
     func = click.option(
         "--admin-token",
         envvar="P2PLB_ADMIN_TOKEN",
@@ -232,6 +245,13 @@ def _balancer_option(func: F) -> F:
     )(func)
 
 
+def _tls(ca_file: str | None) -> ssl.SSLContext:
+    try:
+        return client_context(ca_file)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _errors(answers: Sequence[Answer]) -> bool:
     failed = False
     for answer in answers:
@@ -243,10 +263,15 @@ def _errors(answers: Sequence[Answer]) -> bool:
 
 @cli.command()
 @_balancer_option
-def status(balancers: tuple[str, ...], as_json: bool, admin_token: str | None) -> None:
+def status(
+    balancers: tuple[str, ...],
+    as_json: bool,
+    admin_token: str | None,
+    ca_file: str | None,
+) -> None:
     """Show each balancer's view of its indexers, as a table (--json for machines)."""
     urls = _balancer_urls(balancers)
-    answers = _run(get_status(urls, admin_token))
+    answers = _run(get_status(urls, admin_token, _tls(ca_file)))
     if as_json:
         shown = [
             {"balancer": a.balancer, "status": a.body}
@@ -269,7 +294,11 @@ def status(balancers: tuple[str, ...], as_json: bool, admin_token: str | None) -
 @click.argument("name", required=False)
 @_balancer_option
 def strategy(
-    name: str | None, balancers: tuple[str, ...], as_json: bool, admin_token: str | None
+    name: str | None,
+    balancers: tuple[str, ...],
+    as_json: bool,
+    admin_token: str | None,
+    ca_file: str | None,
 ) -> None:
     """Show the active strategy, or set it to NAME on every balancer given.
 
@@ -277,9 +306,9 @@ def strategy(
     """
     urls = _balancer_urls(balancers)
     if name is None:
-        answers = _run(get_strategy(urls, admin_token))
+        answers = _run(get_strategy(urls, admin_token, _tls(ca_file)))
     else:
-        answers = _run(set_strategy(urls, name, admin_token))
+        answers = _run(set_strategy(urls, name, admin_token, _tls(ca_file)))
 
     seen = {a.balancer: a.body.get("strategy") for a in answers if a.body is not None}
     if as_json:
@@ -302,6 +331,7 @@ def strategy(
 
 
 def _index_options(func: F) -> F:
+    func = _ca_option(func)
     func = click.option(
         "--mode",
         type=click.Choice(["routed", "proxy"]),
@@ -335,6 +365,7 @@ def _index_call(
     indexers: tuple[str, ...],
     mode: str,
     call: Callable[[AsyncClient], Coroutine[Any, Any, T]],
+    ca_file: str | None = None,
 ) -> T:
     """Run ``call`` with a client; every failure ends in one line and an exit code."""
     # With only --indexer given, no balancer is tried (not even the default).
@@ -346,7 +377,7 @@ def _index_call(
         _fail(exc.message)
 
     async def run() -> T:
-        async with AsyncClient(urls, direct, mode=mode) as client:
+        async with AsyncClient(urls, direct, mode=mode, ca_file=ca_file) as client:
             return await call(client)
 
     try:
@@ -368,6 +399,7 @@ def add_command(
     indexers: tuple[str, ...],
     as_json: bool,
     mode: str,
+    ca_file: str | None,
 ) -> None:
     """Add ITEMs to the index INDEX; prints how many were new (added N).
 
@@ -377,7 +409,11 @@ def add_command(
         p2plb add songs peer-17 peer-42 --balancer http://127.0.0.1:7400
     """
     count = _index_call(
-        balancers, indexers, mode, lambda c: c.add_to_index(index, list(items))
+        balancers,
+        indexers,
+        mode,
+        lambda c: c.add_to_index(index, list(items)),
+        ca_file,
     )
     click.echo(json.dumps({"added": count}) if as_json else f"added {count}")
 
@@ -393,6 +429,7 @@ def remove_command(
     indexers: tuple[str, ...],
     as_json: bool,
     mode: str,
+    ca_file: str | None,
 ) -> None:
     """Remove ITEMs from the index INDEX; prints how many were there (removed N).
 
@@ -402,7 +439,11 @@ def remove_command(
         p2plb remove songs peer-17 --balancer http://127.0.0.1:7400
     """
     count = _index_call(
-        balancers, indexers, mode, lambda c: c.remove_from_index(index, list(items))
+        balancers,
+        indexers,
+        mode,
+        lambda c: c.remove_from_index(index, list(items)),
+        ca_file,
     )
     click.echo(json.dumps({"removed": count}) if as_json else f"removed {count}")
 
@@ -416,6 +457,7 @@ def get_command(
     indexers: tuple[str, ...],
     as_json: bool,
     mode: str,
+    ca_file: str | None,
 ) -> None:
     """Print the items of INDEX, one per line, sorted.
 
@@ -428,7 +470,9 @@ def get_command(
         p2plb get songs --balancer http://127.0.0.1:7400
         p2plb get songs --indexer http://127.0.0.1:7401 --json
     """
-    items = _index_call(balancers, indexers, mode, lambda c: c.get_index(index))
+    items = _index_call(
+        balancers, indexers, mode, lambda c: c.get_index(index), ca_file
+    )
     if as_json:
         click.echo(json.dumps({"index": index, "items": items}))
     else:
@@ -441,7 +485,11 @@ def get_command(
 @cli.command(name="list")
 @_index_options
 def list_command(
-    balancers: tuple[str, ...], indexers: tuple[str, ...], as_json: bool, mode: str
+    balancers: tuple[str, ...],
+    indexers: tuple[str, ...],
+    as_json: bool,
+    mode: str,
+    ca_file: str | None,
 ) -> None:
     """Print the names of the indices that have items, one per line, sorted.
 
@@ -451,7 +499,7 @@ def list_command(
         p2plb list --balancer http://127.0.0.1:7400
         P2PLB_BALANCERS=http://10.0.0.5:7400 p2plb list --json
     """
-    names = _index_call(balancers, indexers, mode, lambda c: c.list_indices())
+    names = _index_call(balancers, indexers, mode, lambda c: c.list_indices(), ca_file)
     if as_json:
         click.echo(json.dumps({"indices": names}))
     else:

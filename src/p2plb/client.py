@@ -54,6 +54,7 @@ from p2plb.budget import (
     retry_after_of,
 )
 from p2plb.errors import (
+    ConfigError,
     NoHealthyIndexer,
     Overloaded,
     P2PLBError,
@@ -72,6 +73,7 @@ from p2plb.proxy import (
     parse_load_header,
 )
 from p2plb.routing import Outcome, RoutingTable, Table, Target
+from p2plb.tls import client_context
 from p2plb.wire import (
     check_address,
     check_item,
@@ -107,6 +109,7 @@ class AsyncClient(AsyncAliases):
         page_size: int = 1000,
         token: str | None = None,
         rng: int | random.Random | None = None,
+        ca_file: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise invalid("mode", f'must be "routed" or "proxy", got {mode!r}')
@@ -133,6 +136,10 @@ class AsyncClient(AsyncAliases):
         self.retries = retries
         self.page_size = page_size
         self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        try:
+            self._tls = client_context(ca_file)  # for https:// peers only
+        except ConfigError as exc:
+            raise invalid("ca_file", str(exc).split(": ", 1)[-1]) from None
         self._table = RoutingTable(clock=time.monotonic, rng=self._rng)
         self._budget = RetryBudget(clock=time.monotonic)
         self._headers = {"Content-Type": "application/json"}
@@ -428,7 +435,7 @@ class AsyncClient(AsyncAliases):
             if self._task is not None:
                 return
             connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=256, keepalive_timeout=30
+                limit=0, limit_per_host=256, keepalive_timeout=30, ssl=self._tls
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -634,6 +641,14 @@ def _count(answer: dict[str, Any], key: str) -> int:
 
 
 def _describe(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None)
+        return (
+            f"TLS certificate not trusted ({reason or exc.certificate_error}); "
+            "pass the cluster's CA with ca_file= or --ca-file"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS failed ({exc})"
     if isinstance(exc, aiohttp.ClientConnectorError):
         if exc.os_error.errno is not None:
             return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"

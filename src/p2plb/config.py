@@ -213,6 +213,14 @@ _COMMON = (
         False,
         "Allow listening beyond loopback without tokens.",
     ),
+    Setting("tls_cert", _parse_text, None, "Certificate (PEM) to serve HTTPS with."),
+    Setting("tls_key", _parse_text, None, "Private key (PEM) of --tls-cert."),
+    Setting(
+        "ca_file",
+        _parse_text,
+        None,
+        "CA bundle to verify https:// peers with (default: the system's).",
+    ),
     Setting("log_level", _parse_log_level, "INFO", "debug, info, warning or error."),
 )
 
@@ -399,6 +407,9 @@ class _ServerConfig:
     cluster_token: str | None
     admin_token: str | None
     insecure: bool
+    tls_cert: str | None
+    tls_key: str | None
+    ca_file: str | None
     log_level: str
 
 

@@ -30,6 +30,7 @@ from p2plb.limiter import Limiter
 from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.reporter import Reporter
 from p2plb.storage import BUCKETS, Committed, Storage
+from p2plb.tls import client_context, server_context
 from p2plb.web import (
     error_middleware,
     error_response,
@@ -372,7 +373,10 @@ async def run_indexer(config: IndexerConfig) -> None:
     """Open storage, serve until a signal, then drain and close (design.md)."""
     from p2plb.lifecycle import bind, is_wildcard, run_server
 
-    listener = bind(config.host, config.port)
+    listener = bind(
+        config.host, config.port, server_context(config.tls_cert, config.tls_key)
+    )
+    peers_tls = client_context(config.ca_file)
     url = advertise_url(config, listener.url, is_wildcard(config.host))
     lock = _lock_data_dir(config.data_dir)
     storage = Storage(f"{config.data_dir}/index.sqlite3", config.id)
@@ -388,6 +392,7 @@ async def run_indexer(config: IndexerConfig) -> None:
         ),
         token=config.cluster_token,
         static_peers=config.peer,
+        ssl=peers_tls,
     )
     try:
         await storage.open()
@@ -410,6 +415,7 @@ async def run_indexer(config: IndexerConfig) -> None:
         on_peers=replicator.set_members,
         membership_interval=config.membership_interval,
         token=config.cluster_token,
+        ssl=peers_tls,
     )
     replicator.on_state = reporter.kick
 

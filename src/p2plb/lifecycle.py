@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -35,14 +36,17 @@ logger = logging.getLogger(__name__)
 class Listener:
     """A bound, listening socket and the URL it answers on."""
 
-    def __init__(self, sock: socket.socket, host: str) -> None:
+    def __init__(
+        self, sock: socket.socket, host: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = sock
         self.host = host
+        self.tls = tls
         self.port: int = sock.getsockname()[1]
 
     @property
     def url(self) -> str:
-        return url_for(self.host, self.port)
+        return url_for(self.host, self.port, "https" if self.tls else "http")
 
 
 def url_for(host: str, port: int, scheme: str = "http") -> str:
@@ -59,12 +63,10 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
-def bind(host: str, port: int) -> Listener:
+def bind(host: str, port: int, tls: ssl.SSLContext | None = None) -> Listener:
     """Bind now, so port 0 turns into the real port before anyone is told.
 
-    Known shortcoming: servers speak plain HTTP only; TLS (--tls-cert,
-    --tls-key, --ca-file) is not built yet, so tokens cross the network in
-    clear unless a TLS-terminating proxy stands in front.
+    With ``tls`` the socket serves HTTPS only (see ``p2plb.tls``).
     """
     try:
         infos = socket.getaddrinfo(
@@ -85,7 +87,7 @@ def bind(host: str, port: int) -> Listener:
             f"--port: cannot listen on {host}:{port}: {exc.strerror}"
         ) from exc
     sock.setblocking(False)
-    return Listener(sock, host)
+    return Listener(sock, host, tls)
 
 
 async def run_server(
@@ -122,7 +124,7 @@ async def run_server(
         access_log=access if access.isEnabledFor(logging.DEBUG) else None,
     )
     await runner.setup()
-    site = web.SockSite(runner, listener.sock)
+    site = web.SockSite(runner, listener.sock, ssl_context=listener.tls)
     try:
         await site.start()
         if on_started is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -63,8 +64,10 @@ class Proxy:
         retries: int,
         max_body_size: int,
         observe: Callable[[str, float, bool], None] | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.registry = registry
+        self._ssl = ssl
         self.timeout = timeout
         self.retries = retries
         self.max_body_size = max_body_size
@@ -81,6 +84,7 @@ class Proxy:
             limit_per_host=256,
             keepalive_timeout=30,
             enable_cleanup_closed=True,
+            ssl=self._ssl or True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -47,6 +47,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -114,8 +115,10 @@ class Replicator:
         static_peers: tuple[str, ...] = (),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.node_id = node_id
+        self._ssl = ssl
         self.address = ""  # where peers reach this node; set once bound
         self.storage = storage
         self.settings = settings
@@ -147,7 +150,9 @@ class Replicator:
         self._session = aiohttp.ClientSession(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=5, connect=1),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, ssl=self._ssl or True
+            ),
         )
         if not expect_members and not self._static:
             self._members_known.set()

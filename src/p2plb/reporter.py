@@ -23,6 +23,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -51,7 +52,9 @@ class Reporter:
         membership_interval: float = 1.0,
         token: str | None = None,
         rng: random.Random | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
+        self._ssl = ssl
         self.indexer_id = indexer_id
         self.address = address
         self.capacity = capacity
@@ -74,7 +77,9 @@ class Reporter:
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(2.0, min(self.interval, 5.0)))
-        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(ssl=self._ssl or True)
+        )
         for balancer in self.balancers:
             self._tasks.append(asyncio.create_task(self._run(balancer)))
         if self.balancers and self.on_peers is not None:

@@ -57,6 +57,7 @@ class Client(Aliases):
         page_size: int = 1000,
         token: str | None = None,
         rng: int | random.Random | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self._client = AsyncClient(
             balancers,
@@ -69,6 +70,7 @@ class Client(Aliases):
             page_size=page_size,
             token=token,
             rng=rng,
+            ca_file=ca_file,
         )
         self._closed = False
         self._loop = _new_loop()
