@@ -67,7 +67,8 @@ AIMS = {
     "rss_mib": 150.0,
 }
 REPORT_LUA = """\
--- PUT /v1/indexers/{id}/load, each request for the next of COUNT ids.
+-- PUT /v1/indexers/{id}/load, each request for the next of COUNT ids, holding
+-- the current member list (as real indexers do) so none is sent back.
 local count = %(count)d
 local next_id = 0
 local headers = {["Content-Type"] = "application/json"}
@@ -76,7 +77,8 @@ request = function()
   local id = next_id
   next_id = (next_id + 1) %% count
   local body = string.format(
-    '{"load": %%d, "state": "serving", "protocol": 1}', id %% 50)
+    '{"load": %%d, "state": "serving", "protocol": 1, "peers_version": %(version)d}',
+    id %% 50)
   return wrk.format("PUT", string.format("/v1/indexers/fake-%%05d/load", id),
     headers, body)
 end
@@ -260,7 +262,9 @@ def measure(
     quiet(balancer)
     console.print("load reports (wrk, ids in rotation)")
     script = workdir / "report.lua"
-    script.write_text(REPORT_LUA % {"count": args.indexers})
+    members = json.loads(http("GET", f"{url}/v1/indexers?members_since=-1"))
+    version = int(members["members_version"])
+    script.write_text(REPORT_LUA % {"count": args.indexers, "version": version})
     out["reports"] = asdict(run_wrk(placement.client, url + "/", script=script, **wrk))
 
     routes: dict[str, Any] = {}

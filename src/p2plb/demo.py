@@ -29,13 +29,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import random
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict, deque
@@ -43,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
@@ -58,6 +52,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from p2plb.client import AsyncClient
+from p2plb.cluster import LocalCluster, LocalServer
 from p2plb.corpus import Corpus, build_corpus
 from p2plb.errors import P2PLBError, Timeout, Unreachable
 
@@ -65,11 +60,7 @@ __all__ = ["DemoOptions", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-_STARTED = re.compile(r"(?:indexer|balancer)\.started .*?\burl=(\S+)")
-_START_TIMEOUT = 20.0  # seconds for a server to log that it started
-_SERVING_TIMEOUT = 20.0  # seconds for the balancer to see every indexer serving
 _CONVERGE_TIMEOUT = 10.0
-_STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 _LAST_REPORT_WAIT = 1.5  # seconds: a report interval (1 s) and some slack
 _QUICK_DURATION = 3.0
 _WRITE_SHARE = 0.05
@@ -105,7 +96,18 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     )
 
     workdir = Path(tempfile.mkdtemp(prefix="p2plb-demo-"))
-    cluster = _Cluster(workdir, options)
+    # Reports every second and membership twice a second, instead of the
+    # production defaults, so that a short demo shows changes as they happen.
+    cluster = LocalCluster(
+        workdir,
+        indexers=options.indexers,
+        strategy=options.strategy,
+        indexer_flags=[
+            "--report-interval", "1s",
+            "--membership-interval", "0.5s",
+            "--drain-period", "0.5s",
+        ],
+    )  # fmt: skip
     finished = False
     try:
         started = time.monotonic()
@@ -155,165 +157,6 @@ def _build_corpus(options: DemoOptions) -> Corpus:
 
 def _since(started: float) -> str:
     return f"{time.monotonic() - started:.1f} s"
-
-
-# -- the servers -----------------------------------------------------------------
-
-
-class _Server:
-    """One p2plb server process, logging to a file in the demo's directory."""
-
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
-        self.name = name
-        self.args = args
-        self.workdir = workdir
-        self.log_path = workdir / f"{name}.log"
-        self.url = ""
-        self._popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._popen is not None
-        return self._popen.pid
-
-    @property
-    def running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
-
-    def spawn(self) -> None:
-        # The servers read no P2PLB_ variable of the user's shell: the demo
-        # cluster is exactly what its flags say.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PLB_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        # subprocess and not asyncio's: asyncio kills a child still running
-        # when its loop closes, and --keep-running must outlive the loop.  A
-        # session of their own keeps Ctrl-C for the demo, which stops them.
-        with open(self.log_path, "wb") as log:
-            self._popen = subprocess.Popen(
-                [sys.executable, "-m", "p2plb", *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=env,
-                start_new_session=True,
-            )
-        logger.debug("demo.spawned name=%s pid=%d", self.name, self.pid)
-
-    async def wait_started(self) -> None:
-        """Wait for the ``*.started`` log line and take the URL it names."""
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            found = _STARTED.search(self.log_path.read_text(errors="replace"))
-            if found is not None:
-                self.url = found.group(1)
-                return
-            if not self.running:
-                raise Unreachable(f"{self.name} exited at start:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise Timeout(
-                    f"{self.name} did not start within {_START_TIMEOUT:g} s:\n"
-                    f"{self.tail()}"
-                )
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.running:
-            os.kill(self.pid, signal.SIGKILL)
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it is still there after the grace period."""
-        if self._popen is None or not self.running:
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self._popen.wait, _STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            logger.warning("demo.stop_timeout name=%s pid=%d", self.name, self.pid)
-            self.kill()
-            await asyncio.to_thread(self._popen.wait)
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class _Cluster:
-    """A balancer and its indexers on loopback, and the balancer's view of them."""
-
-    def __init__(self, workdir: Path, options: DemoOptions) -> None:
-        self.workdir = workdir
-        self.options = options
-        self.balancer = _Server(
-            "balancer",
-            ["balancer", "--port", "0", "--state-file", "balancer-state.json"]
-            + ["--strategy", options.strategy],
-            workdir,
-        )
-        self.indexers: list[_Server] = []
-        self._http: aiohttp.ClientSession | None = None
-
-    @property
-    def servers(self) -> list[_Server]:
-        return [self.balancer, *self.indexers]
-
-    async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        self.balancer.spawn()
-        await self.balancer.wait_started()
-
-        # Reports every second and membership twice a second, instead of the
-        # production defaults, so that a short demo shows changes as they happen.
-        for number in range(1, self.options.indexers + 1):
-            name = f"i{number}"
-            args = ["indexer", "--id", name, "--port", "0", "--data-dir", name]
-            args += ["--balancer", self.balancer.url, "--report-interval", "1s"]
-            args += ["--membership-interval", "0.5s", "--drain-period", "0.5s"]
-            self.indexers.append(_Server(name, args, self.workdir))
-            self.indexers[-1].spawn()
-        waits = [asyncio.create_task(s.wait_started()) for s in self.indexers]
-        try:
-            await asyncio.gather(*waits)
-        finally:
-            for wait in waits:  # the others, when one of them failed
-                wait.cancel()
-
-        deadline = time.monotonic() + _SERVING_TIMEOUT
-        while True:
-            status = await self.status()
-            rows = status.get("indexers", [])
-            serving = [r for r in rows if r["healthy"] and r["state"] == "serving"]
-            if len(serving) == len(self.indexers):
-                return
-            if time.monotonic() > deadline:
-                raise Timeout(
-                    f"the balancer sees {len(serving)} of {len(self.indexers)} "
-                    f"indexers serving after {_SERVING_TIMEOUT:g} s"
-                )
-            await asyncio.sleep(0.1)
-
-    async def status(self) -> dict[str, Any]:
-        """The balancer's ``/v1/status``."""
-        assert self._http is not None
-        url = self.balancer.url + "/v1/status"
-        try:
-            async with self._http.get(url) as response:
-                response.raise_for_status()
-                body: dict[str, Any] = await response.json()
-                return body
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unreachable(f"balancer {self.balancer.url}: {exc}") from exc
-
-    async def close(self) -> None:
-        """Stop asking the balancer; the servers stay up."""
-        if self._http is not None:
-            await self._http.close()
-
-    async def stop(self) -> None:
-        """Indexers first, so they unregister from a balancer still there."""
-        await self.close()
-        await asyncio.gather(*(s.stop() for s in self.indexers))
-        await self.balancer.stop()
 
 
 # -- loading ---------------------------------------------------------------------
@@ -398,7 +241,11 @@ class _Workload:
     """Workers reading and writing words by frequency; a kill halfway through."""
 
     def __init__(
-        self, cluster: _Cluster, corpus: Corpus, options: DemoOptions, duration: float
+        self,
+        cluster: LocalCluster,
+        corpus: Corpus,
+        options: DemoOptions,
+        duration: float,
     ) -> None:
         self.cluster = cluster
         self.options = options
@@ -517,7 +364,7 @@ class _Workload:
                 f"{escape(row['health_reason'])}"
             )
 
-    def _kill(self, victim: _Server, elapsed: float) -> None:
+    def _kill(self, victim: LocalServer, elapsed: float) -> None:
         victim.kill()
         self.tally.victim, self.tally.killed_at = victim.name, elapsed
         self._events.append(
@@ -659,7 +506,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> str:
     return f"{sorted_values[index]:.1f}"
 
 
-def _print_running(cluster: _Cluster, word: str, console: Console) -> None:
+def _print_running(cluster: LocalCluster, word: str, console: Console) -> None:
     url = cluster.balancer.url
     alive = [s for s in cluster.servers if s.running]
     pids = " ".join(str(s.pid) for s in alive)
