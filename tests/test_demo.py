@@ -248,3 +248,40 @@ def test_demo_keeps_the_cluster_running_when_asked(tmp_path: Path) -> None:
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _demo_servers() -> list[int]:
+    """Pids of processes running in a demo's temporary directory."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if "p2plb-demo-" in cwd:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_demo_and_its_cluster() -> None:
+    before = set(_demo_servers())
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "p2plb", "demo", "--quick", "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (set(_demo_servers()) - before):  # the cluster is up
+        assert time.monotonic() < deadline and demo.poll() is None
+        time.sleep(0.1)
+
+    demo.send_signal(signal.SIGTERM)
+    output, _ = demo.communicate(timeout=30)
+
+    assert demo.returncode == 130, output
+    assert "p2plb: error: interrupted; the cluster was stopped" in output
+    assert not set(_demo_servers()) - before

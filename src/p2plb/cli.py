@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -568,6 +569,10 @@ def demo(
     from p2plb.demo import DemoOptions, run_demo
 
     options = DemoOptions(duration, indexers, strategy, keep_running, seed, quick)
+    # SIGTERM (and SIGHUP) stop the demo the way Ctrl-C does: its cluster and
+    # directory are cleaned up rather than left running.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     # Off a terminal rich would wrap at 80 columns; the report is wider.
     console = Console(width=None if sys.stdout.isatty() else 120)
     try:
@@ -639,6 +644,121 @@ def simulate(
         click.echo(report.to_json(indent=2))
     else:
         Console(width=None if sys.stdout.isatty() else 140).print(render(report))
+
+
+@cli.command()
+@click.argument(
+    "scenarios", nargs=-1, type=click.Choice(["steady", "antagonist", "stale"])
+)
+@click.option("--quick", is_flag=True, help="A short run of every scenario (~3 min).")
+@click.option(
+    "--suite",
+    type=click.Choice(["balancing", "proxy", "control-plane"]),
+    default="balancing",
+    show_default=True,
+    help="balancing: latency per contender; proxy: throughput against HAProxy; "
+    "control-plane: reports, decisions, status and memory at scale.",
+)
+@click.option(
+    "--contender",
+    "contenders",
+    multiple=True,
+    metavar="NAME",
+    help="proxy/least_load, routed/p2c, haproxy/leastconn, or a family "
+    "(proxy, routed, haproxy); repeat. Default: all.",
+)
+@click.option("--duration", type=float, default=None, help="Seconds per contender.")
+@click.option("--warmup", type=float, default=None, help="Seconds not measured.")
+@click.option("--load", type=float, default=None, help="Offered load, 0-1.")
+@click.option("--capacities", default=None, metavar="1,1,2,2,4,4")
+@click.option("--service-time", default=None, metavar="20ms")
+@click.option("--queue-limit", type=int, default=64, show_default=True)
+@click.option("--connections", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-haproxy", is_flag=True, help="Leave HAProxy out.")
+@click.option("--quiet-timeout", type=float, default=None)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+def bench(
+    scenarios: tuple[str, ...],
+    quick: bool,
+    suite: str,
+    contenders: tuple[str, ...],
+    duration: float | None,
+    warmup: float | None,
+    load: float | None,
+    capacities: str | None,
+    service_time: str | None,
+    queue_limit: int,
+    connections: int,
+    seed: int,
+    no_haproxy: bool,
+    quiet_timeout: float | None,
+    workdir: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+) -> None:
+    """Measure p2plb's balancing side by side with HAProxy, on real processes.
+
+    Starts a balancer and indexers with a synthetic service time, drives
+    open-loop Poisson load at a fraction of their capacity, and measures every
+    contender on the same indexers: each strategy through the proxy, each in
+    routed mode, and HAProxy leastconn and roundrobin when haproxy is installed.
+
+    Example: p2plb bench steady --json steady.json --plot steady.png
+    """
+    configure("WARNING")
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from p2plb.benchmark import BenchOptions, plot, render, require_matplotlib
+    from p2plb.benchmark import run_bench as run_benchmark
+    from p2plb.config import parse_duration
+
+    try:
+        options = BenchOptions(
+            scenarios=scenarios or ("steady", "antagonist", "stale"),
+            suite=suite,
+            quick=quick,
+            contenders=contenders,
+            duration=duration,
+            warmup=warmup,
+            load=load,
+            capacities=(
+                tuple(int(c) for c in capacities.split(",")) if capacities else None
+            ),
+            service_time=parse_duration(service_time) if service_time else None,
+            queue_limit=queue_limit,
+            connections=connections,
+            seed=seed,
+            haproxy=not no_haproxy,
+            quiet_timeout=quiet_timeout,
+            workdir=Path(workdir) if workdir else None,
+        )
+        if plot_path:
+            require_matplotlib()
+    except ValueError as exc:
+        _fail(f"{exc}")
+    except UsageError as exc:
+        _fail(str(exc))
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    try:
+        report = _run(run_benchmark(options, console))
+    except UsageError as exc:
+        _fail(str(exc))
+    except P2PLBError as exc:
+        _fail(str(exc), code=1)
+    console.print(render(report))
+    if json_path:
+        Path(json_path).write_text(report.to_json())
+    if plot_path:
+        plot(report, plot_path)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> None:
