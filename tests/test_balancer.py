@@ -475,3 +475,12 @@ def test_unreachable_balancer_is_one_line(tmp_path: Path) -> None:
         "p2plb: error: --balancer: must be http://host:port or https://host:port, "
         "got 'localhost:7400'\n",
     )
+
+
+def test_an_unwritable_state_file_is_refused_at_start(tmp_path: Path) -> None:
+    result = p2plb("balancer", "--port", "0", "--state-file", "/proc/p2plb/state.json")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "p2plb: error: --state-file: cannot write /proc/p2plb/state.json: "
+        "No such file or directory"
+    )

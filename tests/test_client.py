@@ -214,7 +214,8 @@ def test_no_indexer_at_all_is_no_healthy_indexer(procs: Procs, mode: str) -> Non
         )
     else:
         expected = (
-            f"balancer {balancer.url}: no healthy indexer could serve the request"
+            f"balancer {balancer.url}: no healthy indexer: "
+            "0 of 0 registered are healthy"
         )
     assert str(caught.value) == expected
 

@@ -219,3 +219,14 @@ def test_help(command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage: " in result.output
+
+
+def test_a_misspelled_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p2plb.toml"
+    path.write_text("[balancr]\nport = 7690\n")
+    result = CliRunner().invoke(cli, ["balancer", "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        2,
+        f"p2plb: error: --config: unknown table [balancr] in {path}; "
+        "use [indexer] or [balancer]\n",
+    )

@@ -192,3 +192,17 @@ def test_parse_refuses_malformed_versions(text: str, message: str) -> None:
 def test_parse_refuses_what_is_not_a_string() -> None:
     with pytest.raises(ValueError, match="version must be a string, got int"):
         parse_version(12)  # type: ignore[arg-type]
+
+
+def test_a_version_far_ahead_of_the_wall_clock_is_refused() -> None:
+    wall = [1_000_000]
+    clock = HybridLogicalClock(lambda: wall[0], max_drift_ms=60_000)
+    near = (wall[0] + 59_000) << 16
+    far = (wall[0] + 61_000) << 16
+
+    assert clock.observe(near) is True
+    assert clock.observe(far) is False
+    assert clock.last == near
+    assert clock.now() == near + 1
+    wall[0] += 2_000  # time passes: the same version is now within the bound
+    assert clock.observe(far) is True

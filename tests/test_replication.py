@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from p2plb.hlc import format_version
 from procs import Proc, Procs, eventually, request
 
 QUICK = (
@@ -113,23 +115,36 @@ async def test_read_your_writes_through_the_proxy_on_every_write(
 async def test_min_version_header_is_checked(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:
-    balancer, indexers = await start_cluster(procs, 2, "--read-wait", "1s")
-    await serving(http, balancer, set(indexers))
-    indexers["i1"].wait_for(r"replication\.peer_added id=i2")
-    url = indexers["i1"].url
-    body, _ = await add(http, url, "v", ["a"])
+    balancer = procs.balancer("balancer", "--probe-interval", "0.2s")
+    one = procs.indexer("i1", "--balancer", balancer.url, *QUICK, "--read-wait", "1s")
+    # i2 waits at most a millisecond: too short for i1 to answer its call for
+    # a heartbeat, so a version i1 has not promised yet is refused.
+    two = procs.indexer("i2", "--balancer", balancer.url, *QUICK, "--read-wait", "1ms")
+    await serving(http, balancer, {"i1", "i2"})
+    two.wait_for(r"replication\.peer_added id=i1")
+    body, _ = await add(http, one.url, "v", ["a"])
     ok = {"P2PLB-Min-Version": body["version"]}
-    assert (await request(http, "GET", f"{url}/v1/indices/v", headers=ok))[0] == 200
+    assert (await request(http, "GET", f"{one.url}/v1/indices/v", headers=ok))[0] == 200
 
-    # A version from far ahead: i2 has not promised anything up to it.
-    future = {"P2PLB-Min-Version": "7fffffffffffffff"}
+    ahead = format_version((int(time.time() * 1000) + 30_000) << 16)
     status, answer, headers = await request(
-        http, "GET", f"{url}/v1/indices/v", headers=future
+        http, "GET", f"{two.url}/v1/indices/v", headers={"P2PLB-Min-Version": ahead}
     )
     assert (status, answer["error"]["code"]) == (503, "replica_behind")
+    assert answer["error"]["message"] == (
+        f"indexer i2 has not caught up to version {ahead} yet; try another indexer"
+    )
     assert headers["Retry-After"] == "1"
+    # i1 may wait: it asks i2 to tick past the version, and serves.
+    status, _, _ = await request(
+        http, "GET", f"{one.url}/v1/indices/v", headers={"P2PLB-Min-Version": ahead}
+    )
+    assert status == 200
+
     bad = {"P2PLB-Min-Version": "yesterday"}
-    status, answer, _ = await request(http, "GET", f"{url}/v1/indices/v", headers=bad)
+    status, answer, _ = await request(
+        http, "GET", f"{one.url}/v1/indices/v", headers=bad
+    )
     assert (status, answer["error"]["code"]) == (400, "invalid_field")
     assert answer["error"]["message"].startswith("P2PLB-Min-Version: ")
 
@@ -304,3 +319,32 @@ async def test_tombstones_go_after_the_grace_and_an_absent_peer_resyncs(
     await converged(http, list(indexers.values()))
     for proc in indexers.values():
         assert await contents(http, proc.url) == {"t": sorted(items[10:])}
+
+
+async def test_a_far_future_min_version_is_refused_and_changes_nothing(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # Found by a new user: one read asking for version 8000000000000000 moved
+    # a peer's clock to the end of its range and every write failed after it.
+    balancer, indexers = await start_cluster(procs, 2)
+    await serving(http, balancer, set(indexers))
+    indexers["i1"].wait_for(r"replication\.peer_added id=i2")
+
+    for url in (indexers["i1"].url, balancer.url):
+        status, body, _ = await request(
+            http,
+            "GET",
+            f"{url}/v1/indices/x",
+            headers={"P2PLB-Min-Version": "8000000000000000"},
+        )
+        assert (status, body["error"]["code"]) == (400, "invalid_field")
+        assert body["error"]["message"] == (
+            "P2PLB-Min-Version: 8000000000000000 lies more than 60 s ahead of "
+            "this indexer's clock; no write can have been given it"
+        )
+
+    for proc in indexers.values():
+        reply, _ = await add(http, proc.url, "after", [proc.name])
+        assert reply["added"] == 1
+        status, health, _ = await request(http, "GET", f"{proc.url}/healthz")
+        assert (status, health["status"]) == (200, "ok")

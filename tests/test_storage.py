@@ -441,9 +441,9 @@ async def test_a_remove_beats_an_earlier_add(
 
 
 async def test_a_local_write_beats_everything_merged(store: Storage) -> None:
-    future = (NOW_MS * 2) << LOGICAL_BITS  # a peer whose clock runs far ahead
+    ahead = (NOW_MS + 30_000) << LOGICAL_BITS  # a peer whose clock runs 30 s ahead
     applied = await store.merge(
-        [Op("songs", "x", False, future, "node-b"), Op("songs", "y", True, 3, "node-b")]
+        [Op("songs", "x", False, ahead, "node-b"), Op("songs", "y", True, 3, "node-b")]
     )
 
     added = await store.add("songs", ["x"])
@@ -451,9 +451,24 @@ async def test_a_local_write_beats_everything_merged(store: Storage) -> None:
 
     assert len(applied) == 2
     assert (added.changed, removed.changed) == (1, 1)
-    assert future < added.version < removed.version
+    assert ahead < added.version < removed.version
     assert await store.max_version() == removed.version
     assert await every_item(store, "songs") == ["x"]
+
+
+async def test_a_version_beyond_the_drift_bound_does_not_drag_the_clock(
+    store: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    bogus = (NOW_MS * 2) << LOGICAL_BITS  # far beyond any real clock skew
+    caplog.set_level(logging.WARNING, logger="p2plb.storage")
+
+    applied = await store.merge([Op("songs", "x", False, bogus, "node-b")])
+    added = await store.add("songs", ["y"])
+
+    assert len(applied) == 1  # stored: merging stays order-free
+    assert added.version < bogus  # but our clock did not jump with it
+    assert store.too_far_ahead(bogus) and not store.too_far_ahead(added.version)
+    assert "clock.drift_refused" in caplog.text
 
 
 async def test_merge_returns_only_the_ops_that_won(store: Storage) -> None:

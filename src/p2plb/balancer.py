@@ -25,15 +25,22 @@ import aiohttp
 from aiohttp import web
 
 from p2plb.config import BalancerConfig
-from p2plb.errors import RequestError
+from p2plb.errors import ConfigError, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
+from p2plb.openapi import openapi_handler
 from p2plb.proxy import Proxy, parse_load_header
 from p2plb.registry import Entry, Registry
 from p2plb.state import StateFileError, load_state, save_state, set_aside
 from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
-from p2plb.web import error_middleware, json_response, read_body, reject_unknown_query
+from p2plb.web import (
+    INDEX,
+    error_middleware,
+    json_response,
+    read_body,
+    reject_unknown_query,
+)
 from p2plb.wire import (
     LoadBody,
     RegisterBody,
@@ -64,6 +71,7 @@ class Balancer:
                 unhealthy_after=config.unhealthy_after,
                 probe_rise=config.probe_rise,
                 probe_fall=config.probe_fall,
+                eject_for=config.eject_for,
             ),
             strategy=config.strategy,
             forget_after=config.forget_after,
@@ -232,6 +240,7 @@ class Balancer:
         )
         add = app.router
         add.add_get("/healthz", self.healthz)
+        add.add_get("/openapi.json", openapi_handler("balancer"))
         add.add_get("/metrics", self.get_metrics)
         add.add_post("/v1/indexers", self.register)
         add.add_get("/v1/indexers", self.list_indexers)
@@ -244,14 +253,18 @@ class Balancer:
         add.add_put("/v1/strategy", self.put_strategy)
         # The index API, proxied.
         add.add_get("/v1/indices", self._forward("read"))
-        add.add_get("/v1/indices/{name}", self._forward("read"))
-        add.add_post("/v1/indices/{name}/items", self._forward("write"))
-        add.add_post("/v1/indices/{name}/items/remove", self._forward("write"))
-        add.add_delete("/v1/indices/{name}/items", self._forward("write"))
+        add.add_get(INDEX, self._forward("read"))
+        add.add_post(INDEX + "/items", self._forward("write"))
+        add.add_post(INDEX + "/items/remove", self._forward("write"))
+        add.add_delete(INDEX + "/items", self._forward("write"))
         return app
 
     def _forward(self, op: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def forward(request: web.Request) -> web.Response:
+            # A bad name is the caller's mistake whether or not an indexer
+            # is up to say so: 400 here, never 503 no_healthy_indexer.
+            if "name" in request.match_info:
+                check_name(request.match_info["name"])
             return await self.proxy.forward(request, op=op)
 
         return forward
@@ -438,6 +451,14 @@ async def run_balancer(config: BalancerConfig) -> None:
     )
     balancer = Balancer(config)
     balancer.restore()
+    try:  # a state file that cannot be written is a setup error: say so now
+        save_state(config.state_file, {"registry": balancer.registry.snapshot()})
+    except OSError as exc:
+        listener.sock.close()
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"--state-file: cannot write {config.state_file}: {reason}"
+        ) from exc
 
     async def started() -> None:
         await balancer.start()
@@ -457,6 +478,7 @@ async def run_balancer(config: BalancerConfig) -> None:
         balancer.make_app(),
         listener,
         shutdown_timeout=config.shutdown_timeout,
+        idle_timeout=config.idle_timeout,
         on_started=started,
         after_stop=stopped,
     )

@@ -196,6 +196,13 @@ _COMMON = (
         "How long in-flight requests may take to finish on SIGTERM or SIGINT.",
     ),
     Setting(
+        "idle_timeout",
+        parse_duration,
+        75.0,
+        "How long a connection may stay open without a whole request: idle "
+        "between requests, or still sending its request line and headers.",
+    ),
+    Setting(
         "cluster_token",
         _parse_text,
         None,
@@ -384,6 +391,13 @@ BALANCER_SETTINGS: tuple[Setting, ...] = (
         "Failed probes in a row that make a healthy indexer unhealthy.",
     ),
     Setting(
+        "eject_for",
+        parse_duration,
+        10.0,
+        "How long an indexer is left out after proxied requests to it failed "
+        "3 times in a row; doubled each time it fails again on probation.",
+    ),
+    Setting(
         "proxy_timeout",
         parse_duration,
         10.0,
@@ -404,6 +418,7 @@ class _ServerConfig:
     port: int
     max_body_size: int
     shutdown_timeout: float
+    idle_timeout: float
     cluster_token: str | None
     admin_token: str | None
     insecure: bool
@@ -445,6 +460,7 @@ class BalancerConfig(_ServerConfig):
     probe_timeout: float
     probe_rise: int
     probe_fall: int
+    eject_for: float
     proxy_timeout: float
     proxy_retries: int
 
@@ -463,6 +479,11 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
     for key, value in document.items():
         if not isinstance(value, dict):
             values[key.replace("-", "_")] = value
+        elif key not in ("indexer", "balancer"):
+            raise ConfigError(
+                f"--config: unknown table [{key}] in {path}; "
+                "use [indexer] or [balancer]"
+            )
     table = document.get(section, {})
     if not isinstance(table, dict):
         raise ConfigError(f"--config: [{section}] in {path} must be a table")

@@ -78,11 +78,18 @@ class HybridLogicalClock:
     is the bump of one millisecond the paper prescribes.
     """
 
-    def __init__(self, wall_ms: Callable[[], int], last: int = 0) -> None:
+    def __init__(
+        self,
+        wall_ms: Callable[[], int],
+        last: int = 0,
+        *,
+        max_drift_ms: int | None = None,
+    ) -> None:
         if not 0 <= last <= MAX_VERSION:
             raise ValueError(f"last must be between 0 and {MAX_VERSION}, got {last}")
         self._wall_ms = wall_ms
         self._last = last
+        self.max_drift_ms = max_drift_ms
 
     @property
     def last(self) -> int:
@@ -101,10 +108,25 @@ class HybridLogicalClock:
         self._last = version
         return version
 
-    def observe(self, version: int) -> None:
-        """Take in a version seen elsewhere, so the next ``now`` is above it."""
+    def observe(self, version: int) -> bool:
+        """Take in a version seen elsewhere, so the next ``now`` is above it.
+
+        With ``max_drift_ms``, a version further ahead of the wall clock than
+        that is refused (returns False): the paper's bound on drift, without
+        which one bogus far-future version would drag every later version with
+        it, up to the end of the range.
+        """
         if not 0 <= version <= MAX_VERSION:
             raise ValueError(
                 f"version must be between 0 and {MAX_VERSION}, got {version}"
             )
+        if self.too_far_ahead(version):
+            return False
         self._last = max(self._last, version)
+        return True
+
+    def too_far_ahead(self, version: int) -> bool:
+        """Whether ``version`` lies beyond the wall clock plus the allowed drift."""
+        if self.max_drift_ms is None:
+            return False
+        return (version >> LOGICAL_BITS) > self._wall_ms() + self.max_drift_ms

@@ -27,11 +27,13 @@ from p2plb.config import IndexerConfig
 from p2plb.errors import ConfigError, ReplicaBehind, RequestError, StorageError
 from p2plb.hlc import format_version, parse_version
 from p2plb.limiter import Limiter
+from p2plb.openapi import openapi_handler
 from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.reporter import Reporter
-from p2plb.storage import BUCKETS, Committed, Storage
+from p2plb.storage import BUCKETS, MAX_DRIFT_MS, Committed, Storage
 from p2plb.tls import client_context, server_context
 from p2plb.web import (
+    INDEX,
     error_middleware,
     error_response,
     json_response,
@@ -110,16 +112,13 @@ class Indexer:
         app[STORAGE_KEY] = self.storage
         app.on_response_prepare.append(self._add_load_header)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/openapi.json", openapi_handler("indexer"))
         app.router.add_get("/v1/load", self.get_load)
         app.router.add_get("/v1/indices", self._reader(self.list_indices))
-        app.router.add_get("/v1/indices/{name}", self._reader(self.get_index))
-        app.router.add_post("/v1/indices/{name}/items", self._limited(self.add_items))
-        app.router.add_post(
-            "/v1/indices/{name}/items/remove", self._limited(self.remove_items)
-        )
-        app.router.add_delete(
-            "/v1/indices/{name}/items", self._limited(self.delete_item)
-        )
+        app.router.add_get(INDEX, self._reader(self.get_index))
+        app.router.add_post(INDEX + "/items", self._limited(self.add_items))
+        app.router.add_post(INDEX + "/items/remove", self._limited(self.remove_items))
+        app.router.add_delete(INDEX + "/items", self._limited(self.delete_item))
         # Between indexers: never behind the capacity limit.
         app.router.add_post("/internal/v1/push", self.push)
         app.router.add_post("/internal/v1/beat", self.beat)
@@ -163,6 +162,14 @@ class Indexer:
                     raise RequestError(
                         400, "invalid_field", f"{MIN_VERSION_HEADER}: {exc}"
                     ) from None
+                if self.storage.too_far_ahead(version):
+                    raise RequestError(
+                        400,
+                        "invalid_field",
+                        f"{MIN_VERSION_HEADER}: {raw.strip()} lies more than "
+                        f"{MAX_DRIFT_MS // 1000} s ahead of this indexer's clock; no "
+                        "write can have been given it",
+                    )
                 if not await self.replicator.caught_up(version):
                     raise ReplicaBehind(
                         f"indexer {self.config.id} has not caught up to version "
@@ -451,6 +458,7 @@ async def run_indexer(config: IndexerConfig) -> None:
         indexer.make_app(),
         listener,
         shutdown_timeout=config.shutdown_timeout,
+        idle_timeout=config.idle_timeout,
         on_started=started,
         before_stop=draining,
         after_stop=closed,

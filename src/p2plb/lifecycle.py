@@ -11,6 +11,19 @@ The order of a clean stop matters to the cluster, so it is spelled out once here
 
 A second signal during step 1 skips the rest of the drain: an operator who
 presses Ctrl-C twice wants out now.
+
+Limits on what a connection may hold (slow and oversized clients):
+
+* ``idle_timeout`` closes a connection that has no whole request after that
+  long: idle between requests, or still trickling its request line and
+  headers (a "slowloris" client).  aiohttp arms one timer at connect and after
+  each answer, and data arriving does not rearm it, so it bounds both.  It
+  must stay longer than the keep-alive of p2plb's own clients (30 s), so that
+  they, not the server, close an idle connection.
+* The request line may be up to ``MAX_REQUEST_LINE`` bytes, so that a URL too
+  long for the application gets its JSON ``414`` (``p2plb.web``) rather than
+  the parser's plain-text ``400``; a header line is limited to 8190 bytes and
+  gets the parser's ``400``.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from p2plb.errors import ConfigError
+from p2plb.web import MAX_HEADER_LINE, MAX_REQUEST_LINE
 
 __all__ = ["Listener", "bind", "run_server", "url_for"]
 
@@ -95,6 +109,7 @@ async def run_server(
     listener: Listener,
     *,
     shutdown_timeout: float,
+    idle_timeout: float = 75.0,
     on_started: Callable[[], Awaitable[None]] | None = None,
     before_stop: Callable[[], Awaitable[None]] | None = None,
     after_stop: Callable[[], Awaitable[None]] | None = None,
@@ -122,6 +137,9 @@ async def run_server(
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,
         access_log=access if access.isEnabledFor(logging.DEBUG) else None,
+        keepalive_timeout=idle_timeout,
+        max_line_size=MAX_REQUEST_LINE,
+        max_field_size=MAX_HEADER_LINE,
     )
     await runner.setup()
     site = web.SockSite(runner, listener.sock, ssl_context=listener.tls)

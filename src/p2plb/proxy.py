@@ -9,6 +9,13 @@ Rules of this module:
   truncated answer, ``503 overloaded`` / ``503 replica_behind`` (load signals)
   and other 5xx (health signals).  A 4xx is the caller's mistake and is passed
   on at once.
+* Retries are paid from one retry budget for the whole proxy
+  (``p2plb.budget.RetryBudget``): when every indexer answers ``503``, a fixed
+  retry count would multiply their load by ``1 + retries`` exactly when they
+  can least take it; the budget holds retries to about a fifth of the calls.
+  A retry after a refused connection is free: the request never reached that
+  indexer, so retrying it adds no load anywhere (a killed indexer costs no
+  reads while the budget is spent).
 * A truncated answer is never passed on as a success: the body is read whole
   before the status is sent back.
 * Each answer's ``P2PLB-Load`` header updates the registry's view of that
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
 
@@ -27,6 +35,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from p2plb.budget import RetryBudget
 from p2plb.errors import NoHealthyIndexer
 from p2plb.registry import Registry
 from p2plb.web import read_body
@@ -39,8 +48,10 @@ LOAD_HEADER = "P2PLB-Load"
 MIN_VERSION_HEADER = "P2PLB-Min-Version"
 INDEXER_HEADER = "P2PLB-Indexer"
 
-# Answers that say "try another indexer" without saying this one is broken.
-_LOAD_SIGNALS = frozenset({"overloaded", "replica_behind"})
+# Answers that say "try another indexer" without saying this one is broken:
+# load signals, and a write this indexer took but could not copy to a peer
+# (its peers are the problem, not this indexer).
+_LOAD_SIGNALS = frozenset({"overloaded", "replica_behind", "insufficient_replicas"})
 _PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER)
 
 
@@ -65,6 +76,7 @@ class Proxy:
         max_body_size: int,
         observe: Callable[[str, float, bool], None] | None = None,
         ssl: SSLContext | None = None,
+        budget: RetryBudget | None = None,
     ) -> None:
         self.registry = registry
         self._ssl = ssl
@@ -72,6 +84,8 @@ class Proxy:
         self.retries = retries
         self.max_body_size = max_body_size
         self.observe = observe
+        self.budget = budget or RetryBudget(clock=time.monotonic)
+        self.budget_refusals = 0  # retries refused for want of budget
         self.versions = _Versions()
         self._session: aiohttp.ClientSession | None = None
 
@@ -99,7 +113,8 @@ class Proxy:
             self._session = None
 
     async def forward(self, request: web.Request, *, op: str) -> web.Response:
-        """Send ``request`` to an indexer, failing over up to ``retries`` times."""
+        """Send ``request`` to an indexer, failing over up to ``retries`` times
+        while the retry budget allows."""
         body = (
             await read_body(request, self.max_body_size)
             if request.can_read_body
@@ -117,19 +132,26 @@ class Proxy:
             if wanted:
                 headers[MIN_VERSION_HEADER] = wanted
 
+        self.budget.deposit()
         tried: set[str] = set()
         failures: list[str] = []
         last_answer: web.Response | None = None
+        free = True  # the first attempt, or a retry after a refused connection
         for _ in range(1 + self.retries):
             entry = self.registry.pick(op, exclude=tried)
             if entry is None:
+                break
+            if not free and not self.budget.spend():
+                self.budget_refusals += 1
+                failures.append("retry budget exhausted")
                 break
             tried.add(entry.id)
             outcome = await self._attempt(
                 entry.id, entry.address, request, body, headers
             )
-            if isinstance(outcome, str):
-                failures.append(f"{entry.id} ({outcome})")
+            if isinstance(outcome, _Failed):
+                failures.append(f"{entry.id} ({outcome.detail})")
+                free = not outcome.reached
                 continue
             answer, final = outcome
             if final:
@@ -137,12 +159,16 @@ class Proxy:
                     self.versions.acknowledged(index, answer.body)
                 return answer
             last_answer = answer
+            free = False
             failures.append(f"{entry.id} (HTTP {answer.status})")
 
         if last_answer is not None:
             return last_answer
-        detail = "; tried " + ", ".join(failures) if failures else ""
-        raise NoHealthyIndexer(f"no healthy indexer could serve the request{detail}")
+        if not failures:
+            raise NoHealthyIndexer(self.registry.describe_none(op))
+        raise NoHealthyIndexer(
+            "no healthy indexer could serve the request; tried " + ", ".join(failures)
+        )
 
     async def _attempt(
         self,
@@ -151,8 +177,8 @@ class Proxy:
         request: web.Request,
         body: bytes,
         headers: dict[str, str],
-    ) -> tuple[web.Response, bool] | str:
-        """One try: (answer, final) or a sentence saying why it failed."""
+    ) -> tuple[web.Response, bool] | _Failed:
+        """One try: (answer, final), or why it failed."""
         assert self._session is not None
         token = self.registry.begin(indexer_id)
         started = time.perf_counter()
@@ -177,7 +203,7 @@ class Proxy:
                 request.path,
                 detail,
             )
-            return detail
+            return _Failed(detail, reached=not _refused(exc))
         except BaseException:
             # The caller went away: not the indexer's fault.
             self.registry.finish(token, ok=True, latency_s=0.0)
@@ -202,6 +228,21 @@ class Proxy:
         parsed = parse_load_header(header)
         if parsed is not None:
             self.registry.observe_load(indexer_id, parsed[0], parsed[1])
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An attempt that got no answer; ``reached`` if the request may have
+    reached the indexer (anything but a refused connection)."""
+
+    detail: str
+    reached: bool
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, ConnectionRefusedError
+    )
 
 
 def _error_code(payload: bytes) -> str | None:

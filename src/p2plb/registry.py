@@ -314,7 +314,7 @@ class Registry:
         """
         entry = self.pick(op)
         if entry is None:
-            raise NoHealthyIndexer(self._none_healthy(op))
+            raise NoHealthyIndexer(self.describe_none(op))
 
         entry.routed += 1
         self._total_routed += 1
@@ -553,7 +553,8 @@ class Registry:
         entry.requests += delta
         self._total_requests += delta
 
-    def _none_healthy(self, op: str) -> str:
+    def describe_none(self, op: str) -> str:
+        """Why no indexer can take ``op``, for the 503 a caller sees."""
         healthy = self.healthy_count()
         total = len(self._entries)
         if op == "read" and healthy:

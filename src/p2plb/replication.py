@@ -428,7 +428,7 @@ class Replicator:
         """A peer waits for our watermark to reach a version: push a tick now."""
         try:
             asked = msgspec.json.decode(body, type=_Beat)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise RequestError(400, "invalid_json", f"body: {exc}") from None
         await self.storage.tick(at_least=asked.at_least)
         for peer in self.peers.values():
@@ -613,7 +613,7 @@ class Replicator:
     async def receive_push(self, body: bytes) -> dict[str, Any]:
         try:
             push = msgspec.json.decode(body, type=_Push)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise RequestError(400, "invalid_json", f"body: {exc}") from None
         ops = [
             Op(index, item, bool(present), version, push.origin)

@@ -63,6 +63,9 @@ T = TypeVar("T")
 
 # SQLite integers are signed 64-bit, so a version must stay below 2**63: any
 # wall clock before the year 6400 does.
+# How far ahead of our wall clock a version seen elsewhere may be and still move
+# our clock: beyond it, it is a bogus or badly skewed version (see hlc.py).
+MAX_DRIFT_MS = 60_000
 MAX_STORED_VERSION = (1 << 63) - 1
 
 _READERS = 2
@@ -161,7 +164,8 @@ class Storage:
             ) from exc
 
         if last is not None:
-            self._clock.observe(last)
+            self._clock.observe(last)  # our own past: taken whatever the wall says
+        self._clock.max_drift_ms = MAX_DRIFT_MS
         self.watermarks = marks | {self._node_id: self._clock.last}
         logger.info(
             "storage.opened path=%s indices=%d items=%d version=%s",
@@ -271,8 +275,14 @@ class Storage:
             top = max((op.version for op in ops), default=0)
             if upto is not None:
                 top = max(top, upto)
-            if top:
-                self._clock.observe(min(top, MAX_STORED_VERSION))
+            if top and not self._clock.observe(min(top, MAX_STORED_VERSION)):
+                logger.warning(
+                    "clock.drift_refused path=%s version=%s; a peer's clock runs "
+                    "more than %d s ahead of ours",
+                    self._path,
+                    format_version(top),
+                    MAX_DRIFT_MS // 1000,
+                )
             if origin is None or base is None or upto is None:
                 pass  # not an ordered stream: the watermarks stay
             elif _mark(conn, group, origin) >= base:
@@ -343,7 +353,7 @@ class Storage:
 
         def apply(conn: sqlite3.Connection, group: Group) -> int:
             if at_least:
-                self._clock.observe(min(at_least, MAX_STORED_VERSION))
+                self._clock.observe(min(at_least, MAX_STORED_VERSION))  # bounded
             return self._clock.now()
 
         return await self._write("tick", apply)
@@ -432,8 +442,14 @@ class Storage:
             raise StorageError(f"check of {self._path}: the storage is not open")
         if not self._writer.is_alive():
             raise StorageError(f"check of {self._path}: the writer thread has stopped")
+        if self._writer.last_failure is not None:
+            raise StorageError(f"check of {self._path}: {self._writer.last_failure}")
 
         await self._read("check", entries.stored_clock)
+
+    def too_far_ahead(self, version: int) -> bool:
+        """Whether ``version`` is beyond this node's clock plus the allowed drift."""
+        return self._clock.too_far_ahead(version)
 
     @property
     def committed(self) -> int:

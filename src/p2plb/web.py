@@ -15,11 +15,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from p2plb.errors import RemoteError, RequestError, StorageError
 from p2plb.wire import encode
 
 __all__ = [
+    "INDEX",
+    "MAX_HEADER_LINE",
+    "MAX_REQUEST_LINE",
+    "MAX_URL",
     "error_middleware",
     "error_response",
     "json_response",
@@ -32,6 +37,18 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _JSON = "application/json"
+
+#: The path of one index.  It matches an empty name too, so that one gets
+#: ``400 invalid_field`` naming ``name`` rather than ``404 not_found``.
+INDEX = "/v1/indices/{name:[^{}/]*}"
+
+#: The longest path and query the application takes; longer gets ``414``.  It
+#: fits the longest request p2plb itself sends: a 256-character name and a
+#: 4096-byte ``after`` item, both percent-encoded (3 bytes per byte).
+MAX_URL = 16 * 1024
+#: What the HTTP parser accepts before it answers a plain ``400`` itself.
+MAX_REQUEST_LINE = 64 * 1024
+MAX_HEADER_LINE = 8190
 
 
 def json_response(
@@ -59,6 +76,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
     The declared length is checked first so a large upload is refused before it
     is read; aiohttp's own limit (``client_max_size``) catches bodies that lie.
+
+    Known shortcoming: reading the body has no deadline, so a client that sends
+    it byte by byte keeps the handler (and, at an indexer, a capacity slot)
+    until it finishes or disconnects; ``--idle-timeout`` covers headers only.
+    A deadline here answering ``408`` would fix it.
     """
     declared = request.content_length
     if declared is not None and declared > limit:
@@ -67,6 +89,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(None, limit) from None
+    except RequestPayloadError as exc:
+        # A body that cannot be decoded, e.g. "Content-Encoding: gzip" on bytes
+        # that are not gzip: the caller's mistake, not a server failure.
+        reason = str(exc.__cause__ or exc).split("\n")[-1].strip()
+        raise RequestError(
+            400, "invalid_json", f"body: could not be read ({reason})"
+        ) from None
     if len(body) > limit:
         raise _too_large(len(body), limit)
     return body
@@ -89,6 +118,13 @@ def reject_unknown_query(request: web.Request, allowed: frozenset[str]) -> None:
 async def error_middleware(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
+    if len(request.raw_path) > MAX_URL:
+        return error_response(
+            414,
+            "uri_too_long",
+            f"URL: path and query must be at most {MAX_URL} bytes, "
+            f"got {len(request.raw_path)}",
+        )
     try:
         return await handler(request)
     except RequestError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -87,6 +87,11 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise _validation_error(str(exc)) from None
+    except RecursionError:
+        # msgspec gives up on deep nesting, even inside a field it skips.
+        raise RequestError(
+            400, "invalid_json", "body: not valid JSON (nested too deeply)"
+        ) from None
     except msgspec.DecodeError as exc:
         reason = str(exc)
         if _SURROGATE_ESCAPE.search(body):
@@ -256,6 +261,11 @@ class LoadBody(msgspec.Struct):
             )
         if self.served is not None and self.served < 0:
             raise invalid("served", f"must be an integer >= 0, got {self.served}")
+        # JSON integers have no bound and msgspec keeps them whole; a count
+        # past 64 bits would overflow the float arithmetic of the strategies.
+        for name, count in (("load", self.load), ("served", self.served)):
+            if count is not None and count > MAX_COUNT:
+                raise invalid(name, f"must be at most {MAX_COUNT}")
         if self.capacity is not None:
             check_capacity(self.capacity)
         if self.address is not None:
@@ -264,6 +274,7 @@ class LoadBody(msgspec.Struct):
 
 
 MAX_CAPACITY = 1_000_000
+MAX_COUNT = 2**63 - 1
 
 
 def check_capacity(value: int) -> int:
@@ -280,4 +291,164 @@ def check_capacity(value: int) -> int:
 class StrategyBody(msgspec.Struct, forbid_unknown_fields=True):
     """``PUT /v1/strategy``."""
 
+    strategy: str
+
+
+# -- answers: described for the OpenAPI document (p2plb.openapi) -----------------
+#
+# The handlers build their answers as dicts; these Structs say what those hold,
+# and the API tests compare real answers with the schemas made from them.
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Version = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error answer: a snake_case code and a sentence naming the field."""
+
+    error: ErrorDetail
+
+
+class AddAnswer(msgspec.Struct):
+    added: Count
+    version: Version
+
+
+class RemoveAnswer(msgspec.Struct):
+    removed: Count
+    version: Version
+
+
+class IndexPage(msgspec.Struct):
+    """One page of an index, sorted; ``next`` is the cursor for ``after``."""
+
+    name: str
+    items: list[str]
+    next: str | None
+
+
+class IndexList(msgspec.Struct):
+    indices: list[str]
+
+
+class IndexerHealth(msgspec.Struct):
+    status: str
+    id: str
+    state: str
+
+
+class IndexerLoad(msgspec.Struct):
+    protocol: int
+    id: str
+    load: Count
+    capacity: Annotated[int, msgspec.Meta(ge=1)]
+    serving: Count
+    queued: Count
+    state: str
+    served: Count
+
+
+class BalancerHealth(msgspec.Struct):
+    status: str
+
+
+class IndexerEntry(msgspec.Struct):
+    id: str
+    address: str
+    capacity: Annotated[int, msgspec.Meta(ge=1)]
+    zone: str | None
+    instance: str | None
+    state: str
+    healthy: bool
+    health_reason: str
+    load: Count
+
+
+class Peer(msgspec.Struct):
+    id: str
+    address: str
+    state: str
+    healthy: bool
+
+
+class Registered(IndexerEntry):
+    """The indexer's entry, and the other indexers it replicates with."""
+
+    peers: list[Peer]
+    peers_version: Count
+
+
+class LoadAnswer(msgspec.Struct):
+    """``peers`` is null when the indexer already holds ``peers_version``."""
+
+    peers: list[Peer] | None
+    peers_version: Count
+
+
+class IndexerList(msgspec.Struct):
+    """``indexers`` is null when ``members_since`` is the current version."""
+
+    indexers: list[IndexerEntry] | None
+    members_version: Count
+
+
+class RouteAnswer(msgspec.Struct):
+    id: str
+    address: str
+
+
+class RoutingRow(msgspec.Struct):
+    id: str
+    address: str
+    capacity: Annotated[int, msgspec.Meta(ge=1)]
+    load: Count
+    state: str
+    healthy: bool
+    zone: str | None
+
+
+class RoutingTable(msgspec.Struct):
+    version: Count
+    strategy: str
+    indexers: list[RoutingRow]
+
+
+class Latency(msgspec.Struct):
+    p50: float | None
+    p99: float | None
+
+
+class StatusRow(msgspec.Struct):
+    id: str
+    address: str
+    zone: str | None
+    capacity: Annotated[int, msgspec.Meta(ge=1)]
+    current_load: Count
+    load_percentage: Annotated[float, msgspec.Meta(ge=0, le=100)]
+    healthy: bool
+    state: str
+    health_reason: str
+    last_report_age_s: float | None
+    requests: Count
+    routed: Count
+    errors: Count
+    latency_ms: Latency
+
+
+class Status(msgspec.Struct):
+    healthy_indexers: Count
+    total_indexers: Count
+    total_requests: Count
+    routed_requests: Count
+    uptime_seconds: float
+    strategy: str
+    indexers: list[StatusRow]
+
+
+class StrategyAnswer(msgspec.Struct):
     strategy: str

@@ -116,6 +116,9 @@ class Writer:
     ) -> None:
         self.conn = conn
         self.committed = clock.last
+        # Set while the last group commit failed: /healthz reports it, so a node
+        # that cannot write leaves rotation instead of failing every request.
+        self.last_failure: str | None = None
         self._path = path
         self._clock = clock
         self._loop = loop
@@ -187,8 +190,10 @@ class Writer:
             for request in requests:
                 message = f"{request.name} on {self._path}: commit failed: {exc}"
                 request.settle(None, _chained(message, exc))
+            self.last_failure = f"commit failed: {exc}"
             return
 
+        self.last_failure = None
         self.committed = self._clock.last
         logger.debug(
             "storage.committed path=%s requests=%d version=%s",

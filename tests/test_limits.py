@@ -1,0 +1,147 @@
+"""Limits on what one client may take from a server: URL and header size, time
+without a whole request, page size.  The body size limit (413) is tested in
+``test_indexer_api.py::test_body_limit``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from p2plb import AsyncClient
+from procs import Proc, Procs, eventually, request
+
+
+async def raw_status(
+    http: aiohttp.ClientSession, url: str, **headers: str
+) -> tuple[int, str, str]:
+    async with http.get(url, headers=headers or None) as response:
+        return response.status, response.content_type, await response.text()
+
+
+async def test_over_long_urls_and_headers_get_a_clear_4xx(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer("balancer")
+    indexer = procs.indexer("i1")
+
+    for server in (balancer, indexer):
+        long_url = f"{server.url}/v1/indices/{'n' * 20_000}"
+        status, body, _ = await request(http, "GET", long_url)
+        assert (status, body) == (
+            414,
+            {
+                "error": {
+                    "code": "uri_too_long",
+                    "message": "URL: path and query must be at most 16384 bytes, "
+                    "got 20012",
+                }
+            },
+        )
+
+        # Past what the HTTP parser reads, it answers itself, in plain text.
+        huge_url = f"{server.url}/v1/indices/{'n' * 70_000}"
+        status, kind, text = await raw_status(http, huge_url)
+        assert (status, kind) == (400, "text/plain")
+        assert text.startswith("Got more than 65536 bytes when reading"), text
+
+        status, kind, text = await raw_status(
+            http, f"{server.url}/healthz", **{"X-Big": "v" * 9000}
+        )
+        assert (status, kind) == (400, "text/plain")
+        assert text.startswith("Got more than 8190 bytes when reading"), text
+
+        assert (await request(http, "GET", f"{server.url}/healthz"))[0] == 200
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before it closed the connection."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), 0.1)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the server kept the connection open for {seconds} s")
+
+
+async def test_slow_and_idle_clients_are_cut_off(procs: Procs) -> None:
+    indexer = procs.indexer("i1", "--idle-timeout", "1s")
+    host, port = indexer.url.removeprefix("http://").split(":")
+
+    # A client that sends its headers one byte at a time is cut off, at most
+    # the idle timeout after it connected, without an answer.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    trickle = b"X-Slow: " + b"v" * 200
+
+    async def send_slowly() -> None:
+        for byte in trickle:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    sender = asyncio.create_task(send_slowly())
+    try:
+        assert await closed_within(reader, 15) == b""
+    finally:
+        sender.cancel()
+        writer.close()
+
+    # An idle connection after a whole request and answer is closed too.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await closed_within(reader, 15)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+
+
+async def serving(http: aiohttp.ClientSession, balancer: Proc) -> None:
+    async def ready() -> bool:
+        table = (await request(http, "GET", f"{balancer.url}/v1/routing-table"))[1]
+        return [r["state"] for r in table["indexers"] if r["healthy"]] == ["serving"]
+
+    await eventually(ready)
+
+
+async def test_page_size_caps_and_pages_after_the_longest_item(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer("balancer", "--probe-interval", "0.2s")
+    indexer = procs.indexer(
+        "i1", "--balancer", balancer.url, "--report-interval", "0.2s"
+    )
+    await serving(http, balancer)
+    # The longest items percent-encode to 12 KiB: paging "after" one of them,
+    # under the longest name, must still fit the URL limit.
+    name = "é" * 256
+    items = [f"{k}" + "é" * 2047 for k in range(3)]
+    status, _, _ = await request(
+        http, "POST", f"{indexer.url}/v1/indices/{name}/items", json={"items": items}
+    )
+    assert status == 200
+
+    for url in (balancer.url, indexer.url):
+        for limit, expected in [("10000", 200), ("10001", 400), ("0", 400)]:
+            status, body, _ = await request(
+                http, "GET", f"{url}/v1/indices/{name}", params={"limit": limit}
+            )
+            assert status == expected, (url, limit, body)
+            if expected == 400:
+                assert body["error"] == {
+                    "code": "invalid_field",
+                    "message": "limit: must be a whole number from 1 to 10000, "
+                    f"got {limit!r}",
+                }
+
+    for mode in ("routed", "proxy"):
+        async with AsyncClient(
+            balancers=[balancer.url], mode=mode, page_size=1
+        ) as client:
+            assert await client.get_index(name) == sorted(items), mode
