@@ -272,7 +272,13 @@ class Replicator:
         peer.acked = None
 
     async def replicate(self, version: int) -> None:
-        """Wait until enough peers hold ``version``; else 503 insufficient_replicas."""
+        """Wait until enough peers hold ``version``; else 503 insufficient_replicas.
+
+        Known shortcoming: ``registered`` counts a dead indexer until the
+        balancer forgets it (``--forget-after``, 1 h), so a two-indexer
+        cluster with one dead takes no writes until then; counting only
+        healthy indexers would fix it, at the cost of design.md's wording.
+        """
         needed = min(2, self.registered) - 1
         if needed <= 0:
             return

@@ -25,6 +25,11 @@ requests in proportion to capacity, as evenly in time as possible, with an
 earliest-deadline-first scheduler over virtual time, the idea behind stride
 scheduling (Waldspurger and Weihl, 1995).  ``random`` is the stateless baseline:
 weighted by capacity, with no memory to go stale.
+
+Known shortcoming: no strategy weighs latency.  An indexer that turns slow
+without its queue growing yet (a noisy neighbour) keeps its share until its
+load shows it; an EWMA of each indexer's recent latency folded into the
+ratio would react sooner (the antagonist benchmark misses its aim for this).
 """
 
 from __future__ import annotations
