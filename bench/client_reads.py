@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from harness import BenchError, Child, Placement, http, p2plb_ready, place
+from harness import FAILED, BenchError, Placement, http, place, start
 from rich.console import Console
 from rich.table import Table
 
 from p2plb import AsyncClient, Client
+from p2plb.harness import Child, p2plb_child
 
 INDEX = "bench"
 ITEMS = 100
@@ -50,34 +51,27 @@ WAYS = ("routed", "direct", "proxy")
 console = Console(stderr=True)
 
 
-def start(
+def start_p2plb(
     stack: contextlib.ExitStack, placement: Placement, workdir: Path, args: list[str]
 ) -> Child:
-    kind = args[0]
-    name = args[2] if kind == "indexer" else kind
-    child = Child(
-        name,
-        [*placement.server, sys.executable, "-m", "p2plb", *args],
-        workdir,
-        p2plb_ready(kind),
-    )
-    stack.callback(lambda: console.print(f"stopped {child.stop()}"))
-    child.start()
-    return child
+    kind, flags = args[0], args[1:]
+    name = flags[1] if kind == "indexer" else kind
+    child = p2plb_child(name, kind, workdir, *flags, pin=placement.server)
+    return start(stack, child, console.print)
 
 
 def start_cluster(
     stack: contextlib.ExitStack, placement: Placement, workdir: Path
 ) -> tuple[Child, list[Child]]:
-    common = ["--port", "0", "--log-level", "info"]
-    balancer = start(
+    common = ["--log-level", "info"]
+    balancer = start_p2plb(
         stack,
         placement,
         workdir,
         ["balancer", "--state-file", str(workdir / "state.json"), *common],
     )
     indexers = [
-        start(
+        start_p2plb(
             stack,
             placement,
             workdir,
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             balancer, indexers = start_cluster(stack, placement, Path(tmp))
             results = measure(balancer, indexers, args)
-        except BenchError as exc:
+        except FAILED as exc:
             console.print(f"[red]benchmark failed:[/red] {exc}")
             return 1
 

@@ -39,21 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from harness import (
-    BenchError,
-    Child,
-    Placement,
-    WrkResult,
-    http,
-    p2plb_ready,
-    place,
-    rss_mib,
-    run_wrk,
-    wait_quiet,
-)
+from harness import FAILED, BenchError, Placement, http, place, start
 from rich.console import Console
 from rich.table import Table
 
+from p2plb.harness import Child, WrkResult, p2plb_child, rss_mib, run_wrk, wait_quiet
 from p2plb.health import HealthPolicy
 from p2plb.registry import Registry
 from p2plb.strategies import STRATEGIES
@@ -202,40 +192,18 @@ def decision_costs(calls: int, repeats: int) -> dict[str, dict[str, dict[str, fl
 def start_balancer(
     stack: contextlib.ExitStack, workdir: Path, placement: Placement
 ) -> Child:
-    balancer = Child(
-        "balancer",
-        [
-            *placement.server,
-            sys.executable,
-            "-m",
-            "p2plb",
-            "balancer",
-            "--port",
-            "0",
-            "--state-file",
-            str(workdir / "state.json"),
-            "--probe-interval",
-            "1h",
-            "--unhealthy-after",
-            "6h",
-            "--forget-after",
-            "24h",
-            "--persist-interval",
-            "1h",
-            "--log-level",
-            "info",
-        ],
-        workdir,
-        p2plb_ready("balancer"),
+    flags = ["--state-file", str(workdir / "state.json"), "--log-level", "info"]
+    flags += ["--probe-interval", "1h", "--unhealthy-after", "6h"]
+    flags += ["--forget-after", "24h", "--persist-interval", "1h"]
+    balancer = p2plb_child(
+        "balancer", "balancer", workdir, *flags, pin=placement.server
     )
-    stack.callback(lambda: console.print(f"stopped {balancer.stop()}"))
-    balancer.start()
-    return balancer
+    return start(stack, balancer, console.print)
 
 
 def quiet(balancer: Child) -> None:
     """Hold the next measurement back while other work keeps the machine busy."""
-    others = wait_quiet([balancer.pid])
+    others = asyncio.run(wait_quiet([balancer.pid], limit=0.15, within=180.0))
     if others >= 0.15:
         console.print(f"[yellow]other processes use {others:.2f} CPUs[/yellow]")
 
@@ -244,11 +212,12 @@ def measure(
     balancer: Child, placement: Placement, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
     url = balancer.url
-    wrk = {
+    wrk: dict[str, Any] = {
         "threads": args.threads,
         "connections": args.connections,
         "duration": args.duration,
         "ours": [balancer.pid],
+        "pin": placement.client,
     }
     out: dict[str, Any] = {"rss_mib": {"empty": rss_mib(balancer.pid)}}
 
@@ -265,14 +234,14 @@ def measure(
     members = json.loads(http("GET", f"{url}/v1/indexers?members_since=-1"))
     version = int(members["members_version"])
     script.write_text(REPORT_LUA % {"count": args.indexers, "version": version})
-    out["reports"] = asdict(run_wrk(placement.client, url + "/", script=script, **wrk))
+    out["reports"] = asdict(asyncio.run(run_wrk(url + "/", script=script, **wrk)))
 
     routes: dict[str, Any] = {}
     for strategy in STRATEGIES:
         http("PUT", f"{url}/v1/strategy", {"strategy": strategy})
         quiet(balancer)
         console.print(f"GET /v1/route with {strategy}")
-        result: WrkResult = run_wrk(placement.client, f"{url}/v1/route?op=read", **wrk)
+        result: WrkResult = asyncio.run(run_wrk(f"{url}/v1/route?op=read", **wrk))
         routes[strategy] = asdict(result)
     out["routes"] = routes
 
@@ -414,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             balancer = start_balancer(stack, workdir, placement)
             console.print(f"balancer pid {balancer.pid} at {balancer.url}")
             results = measure(balancer, placement, args, workdir)
-        except BenchError as exc:
+        except FAILED as exc:
             console.print(f"[red]benchmark failed:[/red] {exc}")
             return 1
 

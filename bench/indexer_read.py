@@ -24,34 +24,28 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from harness import FAILED, BenchError, Placement, http, place, start
 from rich.console import Console
 from rich.table import Table
+
+from p2plb.harness import Child, WrkResult, p2plb_child, run_wrk
 
 INDEX = "bench"
 ITEMS = 100
 TARGETS = ("indexer", "minimal")
-STARTED = re.compile(r"\b(?:indexer|minimal)\.started .*?\burl=(\S+)")
-STOP_DEADLINE_S = 15.0
+MINIMAL_READY = r"\bminimal\.started .*?\burl=(\S+)"
 
 console = Console(stderr=True)
-
-
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
 
 
 # -- the minimal app, run in a child process of its own -------------------------
@@ -90,83 +84,6 @@ def run_minimal(body_file: str) -> None:
     uvloop.run(serve_minimal(Path(body_file).read_bytes()))
 
 
-# -- server processes ------------------------------------------------------------
-
-
-class Server:
-    """A server child process that logs ``<kind>.started url=...`` when ready."""
-
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
-        self.name = name
-        self.args = args
-        self.log_path = workdir / f"{name}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self, timeout: float = 20.0) -> None:
-        # Only the flags count: settings from the environment would skew a run.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PLB_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "wb") as log:
-            # A session of its own: Ctrl-C reaches this script only, which then
-            # stops the servers in order instead of all processes at once.
-            self.popen = subprocess.Popen(
-                self.args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-        deadline = time.monotonic() + timeout
-        while (match := STARTED.search(self.log())) is None:
-            if self.popen.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited with {self.popen.returncode}:\n{self.log()}"
-                )
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{self.name} did not start in {timeout}s:\n{self.log()}"
-                )
-            time.sleep(0.05)
-        self.url = match.group(1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def stop(self) -> str:
-        """SIGTERM, then SIGKILL past the deadline; says how it ended."""
-        if self.popen is None:
-            return f"{self.name}: never started"
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-                return f"{self.name}: killed after {STOP_DEADLINE_S:g}s"
-        return f"{self.name}: exited with {self.popen.returncode}"
-
-
-# -- HTTP set-up -------------------------------------------------------------------
-
-
-def http(method: str, url: str, payload: Any = None) -> bytes:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        body: bytes = answer.read()
-    return body
-
-
 def fill_index(base_url: str) -> bytes:
     """Write the 100 items in one POST; return the indexer's answer to a read."""
     items = [f"bench-item-{i:04d}" for i in range(ITEMS)]
@@ -179,93 +96,17 @@ def fill_index(base_url: str) -> bytes:
     return body
 
 
-# -- wrk ---------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int  # non-2xx answers plus socket errors
-
-
-_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
-
-
-def _time_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
-    if match is None:
-        raise BenchError(f"wrk printed a time it cannot read: {text!r}")
-    return float(match.group(1)) * _UNIT_MS[match.group(2)]
-
-
-def parse_wrk(output: str) -> Result:
-    def find(pattern: str) -> re.Match[str]:
-        match = re.search(pattern, output)
-        if match is None:
-            raise BenchError(f"no {pattern!r} in wrk's output:\n{output}")
-        return match
-
-    errors = sum(
-        int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output)
-    )
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if non_2xx:
-        errors += int(non_2xx.group(1))
-    return Result(
-        rps=float(find(r"Requests/sec:\s+([\d.]+)").group(1)),
-        p50_ms=_time_ms(find(r"\n\s+50%\s+(\S+)").group(1)),
-        p99_ms=_time_ms(find(r"\n\s+99%\s+(\S+)").group(1)),
-        requests=int(find(r"(\d+) requests in").group(1)),
-        errors=errors,
-    )
-
-
-def run_wrk(
-    pin: Sequence[str], url: str, args: argparse.Namespace, duration: float
-) -> Result:
-    command = [
-        *pin,
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{duration:g}s",
-        "--latency",
-        url,
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=duration + 60, check=False
-    )
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
-    return parse_wrk(done.stdout)
-
-
-# -- CPU placement -----------------------------------------------------------------
-
-
-@dataclass
-class Placement:
-    server: list[str]  # command prefix for the servers
-    client: list[str]  # command prefix for wrk
-    note: str
-
-
-def place(enabled: bool) -> Placement:
-    cpus = sorted(os.sched_getaffinity(0))
-    taskset = shutil.which("taskset")
-    if not enabled:
-        return Placement([], [], "not pinned (--no-pin)")
-    if taskset is None or len(cpus) < 2:
-        why = "no taskset" if taskset is None else f"only CPU {cpus[0]} available"
-        return Placement([], [], f"not pinned ({why})")
-    server, client = cpus[0], cpus[1]
-    return Placement(
-        [taskset, "-c", str(server)],
-        [taskset, "-c", str(client)],
-        f"servers on CPU {server}, wrk on CPU {client} (taskset -c)",
+def wrk(
+    url: str, placement: Placement, args: argparse.Namespace, duration: float
+) -> WrkResult:
+    return asyncio.run(
+        run_wrk(
+            url,
+            threads=args.threads,
+            connections=args.connections,
+            duration=duration,
+            pin=placement.client,
+        )
     )
 
 
@@ -274,45 +115,18 @@ def place(enabled: bool) -> Placement:
 
 def start_servers(
     stack: contextlib.ExitStack, workdir: Path, placement: Placement, capacity: int
-) -> dict[str, Server]:
-    indexer = Server(
-        "indexer",
-        [
-            *placement.server,
-            sys.executable,
-            "-m",
-            "p2plb",
-            "indexer",
-            "--id",
-            "bench",
-            "--port",
-            "0",
-            "--data-dir",
-            str(workdir / "data"),
-            "--capacity",
-            str(capacity),
-        ],
-        workdir,
-    )
-    stack.callback(lambda: console.print(f"stopped {indexer.stop()}"))
-    indexer.start()
+) -> dict[str, Child]:
+    flags = ["--id", "bench", "--data-dir", str(workdir / "data")]
+    flags += ["--capacity", str(capacity)]
+    indexer = p2plb_child("indexer", "indexer", workdir, *flags, pin=placement.server)
+    start(stack, indexer, console.print)
     body = fill_index(indexer.url)
 
     body_file = workdir / "answer.json"
     body_file.write_bytes(body)
-    minimal = Server(
-        "minimal",
-        [
-            *placement.server,
-            sys.executable,
-            __file__,
-            "--serve-minimal",
-            str(body_file),
-        ],
-        workdir,
-    )
-    stack.callback(lambda: console.print(f"stopped {minimal.stop()}"))
-    minimal.start()
+    args = [*placement.server, sys.executable, __file__, "--serve-minimal"]
+    minimal = Child("minimal", [*args, str(body_file)], workdir, MINIMAL_READY)
+    start(stack, minimal, console.print)
 
     # Same bytes on both sides, or the comparison means nothing.
     if http("GET", f"{minimal.url}/v1/indices/{INDEX}") != body:
@@ -325,18 +139,18 @@ def start_servers(
 
 
 def measure(
-    servers: dict[str, Server], placement: Placement, args: argparse.Namespace
-) -> dict[str, list[Result]]:
+    servers: dict[str, Child], placement: Placement, args: argparse.Namespace
+) -> dict[str, list[WrkResult]]:
     urls = {name: f"{s.url}/v1/indices/{INDEX}" for name, s in servers.items()}
     for name in TARGETS:
         console.print(f"warm-up {name} {args.warmup:g}s")
-        run_wrk(placement.client, urls[name], args, args.warmup)
+        wrk(urls[name], placement, args, args.warmup)
 
-    results: dict[str, list[Result]] = {name: [] for name in TARGETS}
+    results: dict[str, list[WrkResult]] = {name: [] for name in TARGETS}
     for round_no in range(args.rounds):
         order = TARGETS if round_no % 2 == 0 else TARGETS[::-1]
         for name in order:
-            result = run_wrk(placement.client, urls[name], args, args.duration)
+            result = wrk(urls[name], placement, args, args.duration)
             results[name].append(result)
             console.print(
                 f"round {round_no + 1}/{args.rounds} {name}: "
@@ -347,7 +161,7 @@ def measure(
 
 
 def summarize(
-    results: dict[str, list[Result]], args: argparse.Namespace, placement: Placement
+    results: dict[str, list[WrkResult]], args: argparse.Namespace, placement: Placement
 ) -> dict[str, Any]:
     medians = {
         name: {
@@ -443,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             servers = start_servers(stack, workdir, placement, args.capacity)
             results = measure(servers, placement, args)
-    except BenchError as exc:
+    except FAILED as exc:
         console.print(f"[red]bench failed:[/red] {exc}")
         return 1
     except KeyboardInterrupt:

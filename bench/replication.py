@@ -45,10 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from harness import BenchError, Child, CpuMeter, http, p2plb_ready, wait_quiet
+from harness import FAILED, BenchError, http, start
 from rich.console import Console
 from rich.table import Table
 
+from p2plb.harness import Child, CpuMeter, p2plb_child, wait_quiet
 from p2plb.storage import BUCKETS, bucket_of
 
 CLUSTER_FLAGS = {
@@ -85,35 +86,20 @@ class Cluster:
         return [child.url for child in self.indexers]
 
     def pids(self) -> list[int]:
-        alive = [c for c in [self.balancer, *self.indexers] if c.popen is not None]
-        return [c.pid for c in alive if c.popen is not None and c.popen.poll() is None]
+        return [c.pid for c in [self.balancer, *self.indexers] if c.running]
 
 
 def _start(stack: contextlib.ExitStack, child: Child) -> Child:
-    stack.callback(lambda: console.print(f"  stopped {child.stop()}"))
-    child.start()
-    return child
+    return start(stack, child, lambda said: console.print(f"  {said}"))
 
 
 def indexer_child(cluster: Cluster, node: int, port: int, name: str) -> Child:
-    args = [
-        sys.executable,
-        "-m",
-        "p2plb",
-        "indexer",
-        "--id",
-        f"i{node + 1}",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(cluster.workdir / f"i{node + 1}"),
-        "--balancer",
-        cluster.balancer.url,
-        "--log-level",
-        "info",
-        *CLUSTER_FLAGS["indexer"],
-    ]
-    return Child(name, args, cluster.workdir, p2plb_ready("indexer"))
+    flags = ["--id", f"i{node + 1}", "--port", str(port)]
+    flags += ["--data-dir", str(cluster.workdir / f"i{node + 1}")]
+    flags += ["--balancer", cluster.balancer.url, "--log-level", "info"]
+    return p2plb_child(
+        name, "indexer", cluster.workdir, *flags, *CLUSTER_FLAGS["indexer"]
+    )
 
 
 def start_cluster(
@@ -121,23 +107,9 @@ def start_cluster(
 ) -> Cluster:
     workdir = root / label
     workdir.mkdir()
-    balancer = Child(
-        "balancer",
-        [
-            sys.executable,
-            "-m",
-            "p2plb",
-            "balancer",
-            "--port",
-            "0",
-            "--state-file",
-            str(workdir / "state.json"),
-            "--log-level",
-            "info",
-            *CLUSTER_FLAGS["balancer"],
-        ],
-        workdir,
-        p2plb_ready("balancer"),
+    flags = ["--state-file", str(workdir / "state.json"), "--log-level", "info"]
+    balancer = p2plb_child(
+        "balancer", "balancer", workdir, *flags, *CLUSTER_FLAGS["balancer"]
     )
     cluster = Cluster(workdir, _start(stack, balancer), [], [])
     for node in range(size):
@@ -350,7 +322,7 @@ async def wait_identical(
 
 def quiet(cluster: Cluster) -> None:
     """Hold a measurement back a while (20 s at most) if the machine is busy."""
-    others = wait_quiet(cluster.pids(), limit=0.3, timeout=20.0)
+    others = asyncio.run(wait_quiet(cluster.pids(), limit=0.3, within=20.0))
     if others >= 0.3:
         console.print(f"  [yellow]other processes use {others:.2f} CPUs[/yellow]")
 
@@ -655,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in args.only:
                 results[name] = steps[name](root, args)
-        except BenchError as exc:
+        except FAILED as exc:
             console.print(f"[red]benchmark failed:[/red] {exc}")
             return 1
 

@@ -68,7 +68,8 @@ CONTROL_AIMS = {
 _SIZES = (10, 1_000, 10_000)
 _FAKE_PORT_BASE = 30000
 _REPORT_LUA = """\
--- PUT /v1/indexers/{id}/load, each request for the next of COUNT ids.
+-- PUT /v1/indexers/{id}/load, each request for the next of COUNT ids, holding
+-- the current member list (as real indexers do) so none is sent back.
 local count = %(count)d
 local next_id = 0
 local headers = {["Content-Type"] = "application/json"}
@@ -77,7 +78,8 @@ request = function()
   local id = next_id
   next_id = (next_id + 1) %% count
   local body = string.format(
-    '{"load": %%d, "state": "serving", "protocol": 1}', id %% 50)
+    '{"load": %%d, "state": "serving", "protocol": 1, "peers_version": %(version)d}',
+    id %% 50)
   return wrk.format("PUT", string.format("/v1/indexers/fake-%%05d/load", id),
     headers, body)
 end
@@ -283,7 +285,12 @@ async def _control_plane_suite(
         wrk: dict[str, Any] = {"threads": 1, "connections": 64, "ours": [pid]}
         wrk.update(duration=duration, pin=client_pin)
         script = workdir / "report.lua"
-        script.write_text(_REPORT_LUA % {"count": count})
+        async with aiohttp.ClientSession() as http:
+            members = f"{url}/v1/indexers?members_since=-1"
+            async with http.get(members) as answer:
+                answer.raise_for_status()
+                version = int((await answer.json())["members_version"])
+        script.write_text(_REPORT_LUA % {"count": count, "version": version})
         console.print("  load reports (wrk, ids in rotation)")
         figures["reports"] = asdict(await run_wrk(url + "/", script=script, **wrk))
 
