@@ -401,3 +401,18 @@ def test_backoff_is_jittered_grows_and_honours_retry_after_up_to_its_cap() -> No
     assert len(set(first)) == 200
     assert backoff(1, rng, retry_after=0.1) >= 0.1
     assert backoff(1, rng, cap=0.25, retry_after=30.0) == 0.25
+
+
+def test_probes_in_fallback_back_off_to_a_ceiling_and_stay_there() -> None:
+    from p2plb.fallback import Balancers
+
+    balancers = Balancers(
+        ["http://127.0.0.1:1"],
+        RoutingTable(clock=lambda: 0.0, rng=random.Random(1)),
+        random.Random(2),
+    )
+    balancers.in_fallback = True
+    waits = [balancers.wait(1.0) for _ in range(5_000)]  # hours without a balancer
+
+    assert 0.1 <= waits[0] <= 0.2
+    assert all(2.5 <= w <= 5.0 for w in waits[10:])

@@ -24,6 +24,9 @@ Rules of this module:
   fault: a 4xx is a ``RequestError`` with the server's code, a 503 code its
   ``RemoteError`` class, a connection problem ``Unreachable``, a timeout
   ``Timeout``.
+
+The balancers and the fallback are tracked in ``p2plb.fallback``; one request to
+one node, and what its answer or failure means, is ``p2plb.transport``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -40,9 +42,6 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
-import msgspec
-from multidict import CIMultiDictProxy
-from yarl import URL
 
 from p2plb.aliases import AsyncAliases
 from p2plb.budget import (
@@ -63,17 +62,13 @@ from p2plb.errors import (
     Timeout,
     Unreachable,
     UsageError,
-    error_from_body,
 )
+from p2plb.fallback import Balancers
 from p2plb.hlc import parse_version
-from p2plb.proxy import (
-    INDEXER_HEADER,
-    LOAD_HEADER,
-    MIN_VERSION_HEADER,
-    parse_load_header,
-)
+from p2plb.proxy import INDEXER_HEADER, MIN_VERSION_HEADER
 from p2plb.routing import Outcome, RoutingTable, Table, Target
 from p2plb.tls import client_context
+from p2plb.transport import Answer, as_object, count, fetch_table, open_session, send
 from p2plb.wire import (
     check_address,
     check_item,
@@ -88,8 +83,6 @@ __all__ = ["MODES", "AsyncClient"]
 logger = logging.getLogger(__name__)
 
 MODES = ("routed", "proxy")
-_PROBE_FIRST, _PROBE_MAX = 0.2, 5.0  # seconds between balancer probes in fallback
-_TABLE_TIMEOUT = 2.0
 _FELL_BACK: Final = object()
 
 
@@ -113,9 +106,9 @@ class AsyncClient(AsyncAliases):
     ) -> None:
         if mode not in MODES:
             raise invalid("mode", f'must be "routed" or "proxy", got {mode!r}')
-        self._balancers = _addresses(balancers, "balancers")
+        balancer_urls = _addresses(balancers, "balancers")
         self._indexers = _addresses(indexers, "indexers")
-        if not self._balancers and not self._indexers:
+        if not balancer_urls and not self._indexers:
             raise invalid("balancers", "give at least one balancer or indexer URL")
         for field, seconds in (
             ("refresh_interval", refresh_interval),
@@ -141,22 +134,17 @@ class AsyncClient(AsyncAliases):
         except ConfigError as exc:
             raise invalid("ca_file", str(exc).split(": ", 1)[-1]) from None
         self._table = RoutingTable(clock=time.monotonic, rng=self._rng)
+        self._balancers = Balancers(balancer_urls, self._table, self._rng)
         self._budget = RetryBudget(clock=time.monotonic)
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
 
-        self._current = 0
-        self._in_fallback = False
-        self._fallbacks = 0
-        self._fell_back_at = 0.0
-        self._why_fallback = ""
         self._retries = 0
         self._min_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
-        self._refresh_lock = asyncio.Lock()
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -187,14 +175,14 @@ class AsyncClient(AsyncAliases):
     async def add_to_index(self, index: str, item_or_items: str | Sequence[str]) -> int:
         """Add one item or a batch; returns how many were new."""
         path, body = _items_request(index, item_or_items, "/items")
-        return _count(await self._write(path, body), "added")
+        return count(await self._write(path, body), "added")
 
     async def remove_from_index(
         self, index: str, item_or_items: str | Sequence[str]
     ) -> int:
         """Remove one item or a batch; returns how many were there."""
         path, body = _items_request(index, item_or_items, "/items/remove")
-        return _count(await self._write(path, body), "removed")
+        return count(await self._write(path, body), "removed")
 
     async def get_index(self, index: str) -> list[str] | None:
         """Every item of ``index``, sorted, following pages to the end; or None."""
@@ -231,7 +219,7 @@ class AsyncClient(AsyncAliases):
         urls = _addresses(url, "url")
         if not urls:
             raise invalid("url", "give at least one balancer URL")
-        self._balancers, self._current = urls, 0
+        self._balancers.replace(urls)
         logger.info("client.balancers_set balancers=%s", ",".join(urls))
         if self._task is not None:
             await self._refresh()
@@ -240,10 +228,10 @@ class AsyncClient(AsyncAliases):
         """Where requests went, what failed, and whether the client fell back."""
         return {
             "mode": self.mode,
-            "balancer": self._balancers[self._current] if self._balancers else None,
-            "balancers": list(self._balancers),
-            "in_fallback": self._in_fallback,
-            "fallbacks": self._fallbacks,
+            "balancer": self._balancers.in_use(),
+            "balancers": list(self._balancers.urls),
+            "in_fallback": self._balancers.in_fallback,
+            "fallbacks": self._balancers.fallbacks,
             "retries": self._retries,
             "requests": dict(self._table.requests),
             "errors": dict(self._table.errors),
@@ -271,18 +259,18 @@ class AsyncClient(AsyncAliases):
         headers = self._headers
         if op == "read" and self._min_version is not None:
             headers = {**headers, MIN_VERSION_HEADER: self._min_version}
-        if self.mode == "proxy" and not self._in_fallback:
+        if self.mode == "proxy" and not self._balancers.in_fallback:
             answer = await self._via_balancer(method, path, body, headers)
             if answer is not _FELL_BACK:
-                return _object(answer)
-        return _object(await self._direct(op, method, path, body, headers))
+                return as_object(answer)
+        return as_object(await self._direct(op, method, path, body, headers))
 
     async def _via_balancer(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
     ) -> Any:
         """The balancer's answer, or ``_FELL_BACK`` when no balancer answered."""
         failures: list[str] = []
-        for url in self._rotation():
+        for url in self._balancers.rotation():
             retry = 0
             while True:
                 where = f"balancer {url}"
@@ -292,7 +280,7 @@ class AsyncClient(AsyncAliases):
                     failures.append(str(exc))
                     logger.info("client.balancer_failed balancer=%s error=%s", url, exc)
                     break
-                self._use_balancer(url)
+                self._balancers.use(url)
 
                 indexer, load = answer.headers.get(INDEXER_HEADER), answer.load()
                 if indexer is not None:
@@ -311,7 +299,7 @@ class AsyncClient(AsyncAliases):
                 await asyncio.sleep(
                     backoff(retry, self._rng, retry_after=error.retry_after)
                 )
-        self._enter_fallback("; ".join(failures))
+        self._balancers.fall_back("; ".join(failures))
         return _FELL_BACK
 
     async def _direct(
@@ -325,8 +313,8 @@ class AsyncClient(AsyncAliases):
         """Call indexers from the table, retrying another one on a failure."""
         if self._table.source == "none":
             raise Unreachable(
-                f"no balancer answered ({self._why_fallback}) and no indexers "
-                "were given to call directly (indexers=[...], or --indexer)"
+                f"no balancer answered ({self._balancers.why_fallback}) and no "
+                "indexers were given to call directly (indexers=[...], or --indexer)"
             )
         tried: list[str] = []
         attempts: list[str] = []
@@ -340,7 +328,7 @@ class AsyncClient(AsyncAliases):
             if target is None:
                 if last is None:
                     raise NoHealthyIndexer(
-                        f"{self._table.describe_none(op)} ({self._source()})"
+                        f"{self._table.describe_none(op)} ({self._balancers.source()})"
                     )
                 break
 
@@ -408,21 +396,11 @@ class AsyncClient(AsyncAliases):
         body: bytes | None,
         headers: dict[str, str],
         where: str,
-        limit: aiohttp.ClientTimeout | None = None,
-    ) -> _Answer:
+    ) -> Answer:
         assert self._session is not None
-        options: dict[str, Any] = {} if limit is None else {"timeout": limit}
-        try:
-            async with self._session.request(
-                method, URL(url, encoded=True), data=body, headers=headers, **options
-            ) as response:
-                raw = await response.read()
-                return _Answer(response.status, raw, response.headers, where)
-        except TimeoutError as exc:
-            seconds = (limit.total if limit else None) or self.timeout
-            raise Timeout(f"{where} did not answer within {seconds:g} s") from exc
-        except aiohttp.ClientError as exc:
-            raise Unreachable(f"{where}: {_describe(exc)}") from exc
+        return await send(
+            self._session, method, url, body, headers, where, self.timeout
+        )
 
     # -- balancers, the table and fallback ----------------------------------------
 
@@ -434,164 +412,31 @@ class AsyncClient(AsyncAliases):
         async with self._start_lock:
             if self._task is not None:
                 return
-            connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=256, keepalive_timeout=30, ssl=self._tls
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=self.timeout, connect=self.connect_timeout
-                ),
-            )
+            self._session = open_session(self._tls, self.timeout, self.connect_timeout)
             if self._indexers:
                 self._table.use_static(self._indexers)
-            if self._balancers:
+            if self._balancers.urls:
                 await self._refresh()
             else:
-                self._enter_fallback("no balancer given")
+                self._balancers.fall_back("no balancer given")
             self._task = asyncio.create_task(self._maintain())
 
     async def _maintain(self) -> None:
         """Refresh the table every interval; in fallback, probe with backoff."""
-        probes = 0
         while True:
-            if self._in_fallback:
-                probes += 1
-                ceiling = min(_PROBE_MAX, _PROBE_FIRST * 2 ** (probes - 1))
-                delay = ceiling * self._rng.uniform(0.5, 1.0)
-            else:
-                probes = 0
-                delay = self.refresh_interval * self._rng.uniform(0.9, 1.1)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._balancers.wait(self.refresh_interval))
             try:
                 await self._refresh()
             except Exception:  # the loop must outlive any surprise
                 logger.exception("client.refresh_crashed")
 
     async def _refresh(self) -> bool:
-        """Fetch the table from the current balancer, else the next; else fall back.
-
-        A balancer whose table has no indexer serving reads (one restarted
-        without its state knows none until they report) counts as failing
-        while another balancer, or the last table, can do better.
-        """
-        async with self._refresh_lock:
-            failures: list[str] = []
-            empty: tuple[str, Table] | None = None
-            for url in self._rotation():
-                try:
-                    table = await self._fetch_table(url)
-                except P2PLBError as exc:
-                    failures.append(str(exc))
-                    if not self._in_fallback:
-                        logger.info(
-                            "client.balancer_failed balancer=%s error=%s", url, exc
-                        )
-                    continue
-                if not table.readable():
-                    failures.append(f"balancer {url} lists no indexer serving reads")
-                    empty = empty or (url, table)
-                    continue
-                self._table.apply(table)
-                self._use_balancer(url)
-                return True
-
-            if empty is not None and not self._table.readable():
-                self._table.apply(empty[1])
-                self._use_balancer(empty[0])
-                return True
-            if self._balancers:
-                self._enter_fallback("; ".join(failures))
-            return False
+        return await self._balancers.refresh(self._fetch_table)
 
     async def _fetch_table(self, url: str) -> Table:
-        where = f"balancer {url}"
-        limit = aiohttp.ClientTimeout(
-            total=min(self.timeout, _TABLE_TIMEOUT), connect=self.connect_timeout
-        )
-        answer = await self._send(
-            "GET", url + "/v1/routing-table", None, self._headers, where, limit
-        )
-        if answer.status != 200:
-            raise answer.error()
-        try:
-            return Table.parse(answer.json())
-        except ValueError as exc:
-            raise Unreachable(
-                f"{where} sent a routing table it cannot read: {exc}"
-            ) from None
-
-    def _rotation(self) -> list[str]:
-        """The balancers, the current one first, then the others in order."""
-        return self._balancers[self._current :] + self._balancers[: self._current]
-
-    def _use_balancer(self, url: str) -> None:
-        index = self._balancers.index(url) if url in self._balancers else None
-        if index is not None and index != self._current:
-            logger.info("client.balancer_switched to=%s", url)
-            self._current = index
-        if self._in_fallback:
-            self._in_fallback = False
-            waited = time.monotonic() - self._fell_back_at
-            logger.info("client.returned balancer=%s after_s=%.1f", url, waited)
-
-    def _enter_fallback(self, error: str) -> None:
-        if self._in_fallback:
-            return
-        self._in_fallback = True
-        self._fallbacks += 1
-        self._fell_back_at = time.monotonic()
-        self._why_fallback = error
-        logger.info(
-            "client.fallback balancer=%s error=%s using=%s",
-            self._balancer_list(),
-            error,
-            self._source(),
-        )
-
-    def _balancer_list(self) -> str:
-        return ",".join(self._balancers) or "none"
-
-    def _source(self) -> str:
-        if self._table.source == "balancer":
-            version = self._table.version
-            return f"routing table version {version}, {len(self._table)} indexers"
-        if self._table.source == "indexers":
-            return f"the {len(self._table)} indexers given"
-        return "no routing table"
-
-
-class _Answer:
-    """One HTTP answer, read whole."""
-
-    __slots__ = ("headers", "raw", "status", "where")
-
-    def __init__(
-        self, status: int, raw: bytes, headers: CIMultiDictProxy[str], where: str
-    ) -> None:
-        self.status, self.raw, self.headers, self.where = status, raw, headers, where
-
-    def json(self) -> Any:
-        try:
-            return msgspec.json.decode(self.raw)
-        except msgspec.DecodeError:
-            raise Unreachable(
-                f"{self.where} answered HTTP {self.status} with a body that is not JSON"
-            ) from None
-
-    def load(self) -> tuple[int, int] | None:
-        return parse_load_header(self.headers.get(LOAD_HEADER))
-
-    def error(self) -> P2PLBError:
-        try:
-            body = msgspec.json.decode(self.raw)
-        except msgspec.DecodeError:
-            body = None
-        retry_after = None
-        with contextlib.suppress(ValueError):
-            retry_after = float(self.headers.get("Retry-After", ""))
-        return error_from_body(
-            self.status, body, where=self.where, retry_after=retry_after
+        assert self._session is not None
+        return await fetch_table(
+            self._session, url, self._headers, self.timeout, self.connect_timeout
         )
 
 
@@ -625,36 +470,3 @@ def _is_version(text: str) -> bool:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
-
-
-def _object(answer: Any) -> dict[str, Any]:
-    if not isinstance(answer, dict):
-        raise Unreachable(f"expected a JSON object, got {answer!r}")
-    return answer
-
-
-def _count(answer: dict[str, Any], key: str) -> int:
-    value = answer.get(key)
-    if type(value) is not int:
-        raise Unreachable(f"an answer without a count of {key!r}: {answer!r}")
-    return value
-
-
-def _describe(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        reason = getattr(exc.certificate_error, "verify_message", None)
-        return (
-            f"TLS certificate not trusted ({reason or exc.certificate_error}); "
-            "pass the cluster's CA with ca_file= or --ca-file"
-        )
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return f"TLS failed ({exc})"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if exc.os_error.errno is not None:
-            return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"
-        return f"cannot connect ({exc.os_error})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected before answering"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the answer was cut short"
-    return f"connection broken ({exc or type(exc).__name__})"
