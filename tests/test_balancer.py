@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -159,6 +160,22 @@ async def test_registration_validation_changes_nothing(
         400,
         "load: must be an integer >= 0, got -1",
     )
+    for service_ms, message in [
+        (-1, "service_ms: must be milliseconds from 0 to 3600000 (an hour), got -1"),
+        (1e9, "service_ms: must be milliseconds from 0 to 3600000 (an hour), "
+              "got 1e+09"),
+        ("fast", "service_ms: expected `float | null`, got `str`"),
+    ]:  # fmt: skip
+        status, answer, _ = await request(
+            http,
+            "PUT",
+            f"{url}/v1/indexers/i1/load",
+            json={"load": 0, "service_ms": service_ms},
+        )
+        assert (status, answer) == (
+            400,
+            {"error": {"code": "invalid_field", "message": message}},
+        )
     listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]
     assert listed["indexers"] == []
 
@@ -190,6 +207,12 @@ async def test_register_unregister_report_and_superseded(
     new = old | {"address": moved["address"], "instance": "b"}
     status, body, _ = await request(http, "PUT", f"{url}/v1/indexers/i1/load", json=new)
     assert (status, body["peers"]) == (200, [])
+    timed = new | {"service_ms": 3.25}
+    assert (await request(http, "PUT", f"{url}/v1/indexers/i1/load", json=timed))[
+        0
+    ] == 200
+    table = (await request(http, "GET", f"{url}/v1/routing-table"))[1]
+    assert [row["service_ms"] for row in table["indexers"]] == [3.25]
 
     # The member list is sent again only when it changed.
     held = new | {"peers_version": body["peers_version"]}
@@ -326,7 +349,7 @@ async def test_strategy_at_run_time(procs: Procs, http: aiohttp.ClientSession) -
         {
             "code": "invalid_strategy",
             "message": "strategy: must be one of least_load, round_robin, random, "
-            "p2c; got 'fastest'",
+            "p2c, least_latency; got 'fastest'",
         },
     )
     status, body, _ = await request(
@@ -410,6 +433,8 @@ async def test_metrics(procs: Procs, http: aiohttp.ClientSession) -> None:
         assert line in text, line
     assert 'p2plb_proxy_latency_seconds_count{outcome="ok"} 1.0' in text
     assert 'p2plb_indexer_load_ratio{indexer="i1"}' in text
+    # The proxied answer carried the indexer's service time.
+    assert re.search(r'p2plb_indexer_service_seconds\{indexer="i1"\} \d', text), text
 
 
 def p2plb(
@@ -457,7 +482,7 @@ async def test_status_and_strategy_commands(
     assert bad.returncode == 1
     assert bad.stderr == (
         f"p2plb: error: balancer {one.url}: strategy: must be one of least_load, "
-        "round_robin, random, p2c; got 'fastest'\n"
+        "round_robin, random, p2c, least_latency; got 'fastest'\n"
     )
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from p2plb import benchmark
 from p2plb.benchmark import BenchOptions, Scenario, contender_names, run_bench
 from p2plb.benchreport import render
+from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import UsageError
 from p2plb.loadgen import Bursts, OpenLoop, arrivals, percentile
 
@@ -174,7 +175,14 @@ def test_scenarios_offer_the_load_asked_for() -> None:
 
 
 def test_contenders_are_chosen_by_name_or_family() -> None:
-    assert len(contender_names(haproxy=True)) == 10
+    every = contender_names(haproxy=True)
+    assert every == [
+        *(f"proxy/{name}" for name in STRATEGY_NAMES),
+        *(f"routed/{name}" for name in STRATEGY_NAMES),
+        "haproxy/leastconn",
+        "haproxy/roundrobin",
+    ]
+    assert contender_names(haproxy=False) == every[:-2]
     chosen = BenchOptions(contenders=("routed", "haproxy/leastconn")).chosen(False)
     assert chosen == [name for name in contender_names(False) if "routed" in name]
     with pytest.raises(UsageError):
@@ -189,12 +197,9 @@ async def test_a_tiny_bench_runs_every_contender(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     haproxy = shutil.which("haproxy") is not None
-    tiny = Scenario("steady", load=0.5, capacities=(1, 2), duration=1.5, warmup=0.3)
+    tiny = Scenario("steady", load=0.5, capacities=(1, 2), duration=0.6, warmup=0.2)
     monkeypatch.setitem(benchmark.SCENARIOS, "steady", tiny)
-    wanted = ("proxy/least_load", "routed/p2c", "haproxy/leastconn")
-    options = BenchOptions(
-        scenarios=("steady",), contenders=wanted, workdir=tmp_path, quiet_timeout=0
-    )
+    options = BenchOptions(scenarios=("steady",), workdir=tmp_path, quiet_timeout=0)
     console = Console(file=io.StringIO(), width=150)
 
     report = await run_bench(options, console)
@@ -210,7 +215,8 @@ async def test_a_tiny_bench_runs_every_contender(
         "wall_time_s",
     }
     (scenario,) = shape["scenarios"]
-    expected = [n for n in wanted if haproxy or not n.startswith("haproxy")]
+    # Every contender, HAProxy's too where the binary is installed.
+    expected = contender_names(haproxy)
     assert [c["name"] for c in scenario["contenders"]] == expected
     for contender in scenario["contenders"]:
         assert contender["requests"] > 0

@@ -113,8 +113,8 @@ def test_balancer_defaults_match_design() -> None:
         (
             "balancer",
             {"strategy": "fastest"},
-            "--strategy: must be one of least_load, round_robin, random, p2c; "
-            "got 'fastest'",
+            "--strategy: must be one of least_load, round_robin, random, p2c, "
+            "least_latency; got 'fastest'",
         ),
         (
             "balancer",

@@ -336,7 +336,21 @@ async def test_health_and_load(procs: Procs, http: aiohttp.ClientSession) -> Non
         "queued": 0,
         "state": "serving",
         "served": 0,
+        "service_ms": None,
     }
+    assert "P2PLB-Service-Ms" not in headers  # nothing served yet
+
+    # An index request held a slot: from then on its service time is known,
+    # on every answer and in the load report.
+    _, _, headers = await call(
+        http, "POST", f"{url}/v1/indices/timed/items", json={"item": "x"}
+    )
+    served_ms = float(headers["P2PLB-Service-Ms"])
+    assert 0 < served_ms < 5_000
+    status, body, headers = await call(http, "GET", f"{url}/healthz")
+    assert float(headers["P2PLB-Service-Ms"]) == served_ms
+    status, body, _ = await call(http, "GET", f"{url}/v1/load")
+    assert (body["served"], body["service_ms"]) == (1, pytest.approx(served_ms))
 
 
 async def test_overload_answers_503_while_health_answers(procs: Procs) -> None:

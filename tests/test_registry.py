@@ -315,6 +315,35 @@ def test_lookaside_spreads_onto_a_new_idle_indexer_without_flooding_it(
     assert [e.load for e in registry.entries()] == [5, 5, 5, 0]
 
 
+def test_least_latency_routes_by_the_service_time_indexers_report(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock, strategy="least_latency")
+    add(registry, "fast", "slow")
+    registry.report("fast", 4, "serving", service=0.020)  # 0.02 * 5 / 10
+    registry.report("slow", 0, "serving", service=0.200)  # 0.2 * 1 / 10
+    assert {registry.pick().id for _ in range(20)} == {"fast"}  # type: ignore[union-attr]
+
+    # Each lookaside answer counts as load for a while: at 0.02 * 10 / 10 the
+    # fast one's delay has reached the slow one's, and they share.
+    routed = [registry.route("read").id for _ in range(12)]
+    assert routed[:5] == ["fast"] * 5
+    assert "slow" in routed[5:]
+    clock.advance(1.0)
+
+    # A proxied answer's headers are fresher than the report: the slow one
+    # has recovered, and is idle.
+    registry.observe_load("slow", 0, 10, 0.010)
+    entry = registry.pick()
+    assert entry is not None and entry.id == "slow"
+    assert registry.routing_table()["indexers"][1]["service_ms"] == 10.0
+
+    # A report or header without a service time keeps the last one known.
+    registry.report("slow", 0, "serving")
+    registry.observe_load("slow", 0, 10)
+    assert registry.get("slow").service == 0.010  # type: ignore[union-attr]
+
+
 def test_pick_counts_nothing(clock: FakeClock) -> None:
     registry = make(clock)
     add(registry, "i1")
@@ -525,7 +554,7 @@ def test_pick_can_exclude_indexers_already_tried(clock: FakeClock, name: str) ->
 def test_status_and_routing_table_shapes(clock: FakeClock) -> None:
     registry = make(clock)
     add(registry, "i1")
-    registry.report("i1", 2, "serving", served=10)
+    registry.report("i1", 2, "serving", served=10, service=0.0125)
     before = registry.generation
     registry.finish(registry.begin("i1"), True, 0.0019)
     assert registry.generation > before
@@ -570,6 +599,7 @@ def test_status_and_routing_table_shapes(clock: FakeClock) -> None:
                 "state": "serving",
                 "healthy": True,
                 "zone": None,
+                "service_ms": 12.5,
             }
         ],
     }

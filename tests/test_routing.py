@@ -127,6 +127,14 @@ def test_parse_reads_a_balancer_table_and_rejects_garbage() -> None:
     bad_row = body["indexers"][0] | {"capacity": 0}
     with pytest.raises(ValueError, match=r"indexers.capacity of i1: expected >= 1"):
         Table.parse(body | {"indexers": [bad_row]})
+
+    # service_ms, in milliseconds on the wire, is seconds in the row.
+    timed = body["indexers"][0] | {"service_ms": 12.5}
+    assert Table.parse(body | {"indexers": [timed]}).rows[0].service == 0.0125
+    for garbage in ("12", -1, True, float("nan")):
+        bad_row = body["indexers"][0] | {"service_ms": garbage}
+        with pytest.raises(ValueError, match=r"indexers.service_ms of i1: got "):
+            Table.parse(body | {"indexers": [bad_row]})
     with pytest.raises(ValueError, match='expected an object with an "indexers"'):
         Table.parse([])
 
@@ -187,6 +195,36 @@ def test_load_seen_through_the_proxy_counts_too() -> None:
 
     assert picks(table) == {"i1": 200}
     assert table.requests == {"i2": 2} and table.errors == {"i2": 1}
+
+
+def test_least_latency_follows_the_service_time_answers_carry() -> None:
+    table, clock = routing(
+        Row("i1", "http://127.0.0.1:7401", 4, 0, "serving", True, None, 0.050),
+        Row("i2", "http://127.0.0.1:7402", 4, 0, "serving", True, None, 0.010),
+        strategy="least_latency",
+        header_ttl=1.0,
+    )
+    assert picks(table) == {"i2": 200}
+
+    # i2 answers that it has slowed down: its header beats the table.
+    table.begin("i2")
+    table.finish("i2", "ok", (0, 4), 0.200)
+    assert picks(table) == {"i1": 200}
+    clock.now += 0.5
+    fresh = (
+        Row("i1", "http://127.0.0.1:7401", 4, 0, "serving", True, None, 0.050),
+        Row("i2", "http://127.0.0.1:7402", 4, 0, "serving", True, None, 0.010),
+    )
+    table.apply(Table(8, "least_latency", fresh))
+    assert picks(table) == {"i1": 200}, "a header half a second old beats the table"
+
+    # Later the table's figure, from the indexer's newer report, wins again;
+    # an answer seen through the proxy counts as a header.
+    clock.now += 0.6
+    table.apply(Table(9, "least_latency", fresh))
+    assert picks(table) == {"i2": 200}
+    table.observe_load("i2", 0, 4, 0.300)
+    assert picks(table) == {"i1": 200}
 
 
 # -- outliers ----------------------------------------------------------------------
@@ -346,6 +384,24 @@ def test_near_ties_do_not_send_the_herd_to_one_indexer() -> None:
 def test_a_clearly_less_loaded_indexer_still_wins() -> None:
     chosen = herd("least_load", [10, 10, 10], seed=0, loads=[0, 5, 5])
     assert chosen == {"i0": 50}
+
+
+def test_the_herd_guard_never_trades_a_fast_pick_for_a_slow_indexer() -> None:
+    rows = (
+        Row("i0", "http://127.0.0.1:7400", 4, 0, "serving", True, None, 0.100),
+        Row("i1", "http://127.0.0.1:7401", 4, 0, "serving", True, None, 0.020),
+        Row("i2", "http://127.0.0.1:7402", 4, 0, "serving", True, None, 0.021),
+    )
+    chosen: Counter[str] = Counter()
+    for client in range(50):
+        table = RoutingTable(clock=Clock(), rng=random.Random(client))
+        table.apply(Table(1, "least_latency", rows))
+        target = table.pick("read")
+        assert target is not None
+        chosen[target.id] += 1
+    # i0 is as idle as the others but five times slower; i1 and i2 are alike.
+    assert set(chosen) == {"i1", "i2"}
+    assert max(chosen.values()) <= 2 * 50 / 2
 
 
 # -- the retry budget ----------------------------------------------------------------

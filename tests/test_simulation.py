@@ -185,6 +185,37 @@ def test_a_slow_indexer_swamps_load_blind_strategies() -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+def test_least_latency_drains_a_slowed_indexer_sooner_than_least_load(
+    seed: int,
+) -> None:
+    # least_load, like ideal JSQ, sends to the slowed indexer while it has
+    # free slots; least_latency sees the slowdown on the next answer.
+    report = simulate(
+        "antagonist",
+        seed=seed,
+        duration=20.0,
+        strategies=["least_load", "least_latency", "ideal_jsq"],
+    )
+    latency, least = report.result("least_latency"), report.result("least_load")
+
+    assert latency.p99_ms <= 0.85 * least.p99_ms
+    assert latency.p99_ms <= 0.85 * report.result("ideal_jsq").p99_ms
+    # The queue never builds up at the slowed indexer (i4) in the first place.
+    assert latency.indexers[4].peak_queue < least.indexers[4].peak_queue
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_least_latency_equals_least_load_when_indexers_are_alike(seed: int) -> None:
+    report = simulate(
+        "steady", seed=seed, duration=20.0, strategies=["least_load", "least_latency"]
+    )
+    latency, least = report.result("least_latency"), report.result("least_load")
+
+    assert latency.p99_ms <= 1.05 * least.p99_ms
+    assert latency.mean_ms <= 1.1 * least.mean_ms
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
 def test_least_load_matches_ideal_jsq_when_the_report_is_not_counted_twice(
     seed: int,
 ) -> None:
@@ -243,9 +274,11 @@ def test_the_simulator_drives_the_product_strategies(
             super().__init__(rng)
             made.append(self)
 
-        def set(self, id: str, capacity: int, load: float) -> None:
+        def set(
+            self, id: str, capacity: int, load: float, service: float | None = None
+        ) -> None:
             calls["set"] += 1
-            super().set(id, capacity, load)
+            super().set(id, capacity, load, service)
 
         def pick(self) -> str | None:
             calls["pick"] += 1

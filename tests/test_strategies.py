@@ -1,10 +1,11 @@
-"""The four strategies, driven directly with seeded generators."""
+"""The five strategies, driven directly with seeded generators."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -12,7 +13,9 @@ from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import RequestError
 from p2plb.strategies import (
     BUCKET_WIDTH,
+    LATENCY_TIE,
     STRATEGIES,
+    LeastLatency,
     LeastLoad,
     RoundRobin,
     Strategy,
@@ -59,7 +62,8 @@ def test_unknown_strategy_is_a_400() -> None:
         make_strategy("fastest", random.Random(0))
     assert (caught.value.status, caught.value.code) == (400, "invalid_strategy")
     assert caught.value.message == (
-        "strategy: must be one of least_load, round_robin, random, p2c; got 'fastest'"
+        "strategy: must be one of least_load, round_robin, random, p2c, "
+        "least_latency; got 'fastest'"
     )
 
 
@@ -247,32 +251,144 @@ def test_least_load_follows_load_changes() -> None:
     assert set(picks(strategy, 40)) == {"b", "c"}  # exact ties rotate there too
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_least_load_matches_a_brute_force_reference(seed: int) -> None:
+def churn(seed: int, steps: int = 4_000) -> Iterator[tuple[str, str, int, float]]:
+    """Random sets (with a capacity, a load and a service time), discards and
+    picks over 300 ids, as ("set" | "discard" | "pick", id, capacity, ...)."""
     rng = random.Random(seed)
-    strategy = LeastLoad(random.Random(seed + 100))
-    ratios: dict[str, float] = {}
-
-    for _ in range(4_000):
+    for _ in range(steps):
         roll = rng.random()
         id = f"i{rng.randrange(300)}"
         if roll < 0.5:
             capacity = rng.randrange(1, 100)
             load = rng.choice([rng.randrange(0, 3 * capacity), rng.uniform(0, 2000)])
+            yield "set", id, capacity, load
+        else:
+            yield ("discard" if roll < 0.7 else "pick"), id, 0, 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_least_load_matches_a_brute_force_reference(seed: int) -> None:
+    strategy = LeastLoad(random.Random(seed + 100))
+    ratios: dict[str, float] = {}
+
+    for action, id, capacity, load in churn(seed):
+        if action == "set":
             strategy.set(id, capacity, load)
             ratios[id] = load / capacity
-        elif roll < 0.7:
+        elif action == "discard":
             strategy.discard(id)
             ratios.pop(id, None)
         else:
             chosen = strategy.pick()
-            if not ratios:
-                assert chosen is None
-                continue
-            assert chosen is not None
-            assert ratios[chosen] - min(ratios.values()) < BUCKET_WIDTH + 1e-9
+            assert (chosen is None) == (not ratios)
+            if chosen is not None:
+                assert ratios[chosen] - min(ratios.values()) < BUCKET_WIDTH + 1e-9
         assert len(strategy) == len(ratios)
         assert all(strategy.ratio(id) == ratio for id, ratio in ratios.items())
+
+
+# least_latency ------------------------------------------------------------------
+
+
+def latency(backends: Mapping[str, tuple[int, float, float | None]]) -> LeastLatency:
+    strategy = LeastLatency(random.Random(3))
+    for id, (capacity, load, service) in backends.items():
+        strategy.set(id, capacity, load, service)
+    return strategy
+
+
+def test_least_latency_avoids_a_slow_backend_with_free_slots() -> None:
+    # Same capacity: "slow" is idle, "fast" half busy.  least_load picks the
+    # idle one; its requests would take 0.1 s there against 0.02 s here.
+    backends = {"fast": (4, 2, 0.020), "slow": (4, 0, 0.100)}
+    assert set(picks(latency(backends), 50)) == {"fast"}
+    assert set(picks(build("least_load", {"fast": (4, 2), "slow": (4, 0)}), 50)) == {
+        "slow"
+    }
+
+    # Once the fast one's slots would each hold five times as much, the slow
+    # one is where a request finishes first: 0.02 * 21 / 4 > 0.1 * 1 / 4.
+    strategy = latency(backends)
+    strategy.set("fast", 4, 20, 0.020)
+    assert set(picks(strategy, 50)) == {"slow"}
+    assert strategy.delay("slow") == pytest.approx(0.025)
+
+
+def test_least_latency_among_equals_is_least_load_counting_the_new_request() -> None:
+    strategy = latency({"big": (4, 0, 0.02), "small": (1, 0, 0.02)})
+    assert set(picks(strategy, 20)) == {"big"}  # 1/4 of a service time, not 1
+    strategy.set("big", 4, 3, 0.02)  # (3 + 1) / 4 = 1: now a near-tie
+    counts = Counter(picks(strategy, 400))
+    assert set(counts) == {"big", "small"}
+    assert all(150 <= count <= 250 for count in counts.values()), counts
+
+
+def test_least_latency_takes_an_unknown_service_time_as_the_known_mean() -> None:
+    strategy = latency({"a": (4, 0, None)})
+    assert strategy.pick() == "a"  # nothing known: any figure compares alike
+    strategy.set("b", 4, 0, 0.010)
+    strategy.set("c", 4, 0, 0.030)
+    assert strategy.service_of("a") == pytest.approx(0.020)
+    assert strategy.delay("a") == pytest.approx(0.020 / 4)
+
+    # The prior follows the known mean once it moves by more than 5 %.
+    strategy.set("c", 4, 0, 0.031)  # mean 0.0205: 2.5 % off, kept
+    assert strategy.service_of("a") == pytest.approx(0.020)
+    strategy.discard("b")  # mean 0.031
+    assert strategy.service_of("a") == pytest.approx(0.031)
+    assert strategy.delay("a") == pytest.approx(0.031 / 4)
+
+    # A backend that answers leaves the unknowns; one that is discarded
+    # leaves the mean.
+    strategy.set("a", 4, 0, 0.001)
+    assert set(picks(strategy, 20)) == {"a"}
+    strategy.discard("a")
+    strategy.discard("c")
+    assert len(strategy) == 0 and strategy.pick() is None
+
+
+@pytest.mark.parametrize("service", [-0.001, math.nan, math.inf])
+def test_least_latency_rejects_impossible_service_times(service: float) -> None:
+    strategy = LeastLatency(random.Random(0))
+    with pytest.raises(ValueError, match="service time of 'a' must be >= 0"):
+        strategy.set("a", 1, 0, service)
+    assert len(strategy) == 0
+
+
+def test_least_latency_orders_extreme_delays_in_the_overflow_heap() -> None:
+    strategy = latency(
+        {"x": (1, 1_000_000, 100.0), "y": (1, 2_000_000, 100.0), "z": (1, 0, 0.0)}
+    )
+    assert set(picks(strategy, 5)) == {"z"}  # no time at all: the first bucket
+    strategy.discard("z")
+    assert set(picks(strategy, 5)) == {"x"}
+    strategy.set("x", 1, 3_000_000, 100.0)
+    assert set(picks(strategy, 5)) == {"y"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_least_latency_matches_a_brute_force_reference(seed: int) -> None:
+    strategy = LeastLatency(random.Random(seed + 100))
+    services = random.Random(seed + 200)
+    delays: dict[str, float] = {}
+
+    for action, id, capacity, load in churn(seed):
+        if action == "set":
+            service = services.choice(
+                [services.uniform(1e-4, 0.5), services.expovariate(50)]
+            )
+            strategy.set(id, capacity, load, service)
+            delays[id] = service * (load + 1) / capacity
+        elif action == "discard":
+            strategy.discard(id)
+            delays.pop(id, None)
+        else:
+            chosen = strategy.pick()
+            assert (chosen is None) == (not delays)
+            if chosen is not None:
+                best = min(delays.values())
+                assert delays[chosen] <= best * (1 + LATENCY_TIE) + 1e-12
+        assert len(strategy) == len(delays)
 
 
 # p2c ------------------------------------------------------------------------------

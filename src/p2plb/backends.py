@@ -88,6 +88,7 @@ class Entry:
     inflight_at_report: int = 0  # of those, the ones the last load figure included
     recent: int = 0  # /v1/route answers still counted as load
     served_seen: int | None = None  # last cumulative "served" counter
+    service: float | None = None  # recent service time in seconds, as reported
     latency: LatencyWindow = field(default_factory=LatencyWindow)
 
     @property
@@ -137,7 +138,12 @@ class Entry:
             "state": self.state,
             "healthy": self.health.healthy,
             "zone": self.zone,
+            "service_ms": self.service_ms,
         }
+
+    @property
+    def service_ms(self) -> float | None:
+        return None if self.service is None else round(self.service * 1000.0, 3)
 
 
 class Flight:

@@ -29,8 +29,9 @@ from p2plb.errors import ConfigError, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.openapi import openapi_handler
-from p2plb.proxy import Proxy, parse_load_header
+from p2plb.proxy import LOAD_HEADER, Proxy, parse_load_header
 from p2plb.registry import Entry, Registry
+from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.state import StateFileError, load_state, save_state, set_aside
 from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
@@ -217,9 +218,10 @@ class Balancer:
         try:
             async with self._probe_session.get(f"{entry.address}/healthz") as response:
                 await response.read()
-                parsed = parse_load_header(response.headers.get("P2PLB-Load"))
+                parsed = parse_load_header(response.headers.get(LOAD_HEADER))
+                service = parse_service_header(response.headers.get(SERVICE_HEADER))
                 if parsed is not None and response.status == 200:
-                    self.registry.observe_load(entry.id, parsed[0], parsed[1])
+                    self.registry.observe_load(entry.id, *parsed, service)
                 if response.status == 200:
                     return True, "probe ok"
                 return False, f"probe answered HTTP {response.status}"
@@ -341,6 +343,7 @@ class Balancer:
             served=body.served,
             address=body.address,
             instance=body.instance,
+            service=None if body.service_ms is None else body.service_ms / 1000.0,
         )
 
         # The member list costs O(indexers) to build and send: only when it

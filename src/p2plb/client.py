@@ -286,7 +286,7 @@ class AsyncClient(AsyncAliases):
                 if indexer is not None:
                     self._table.count(indexer, ok=answer.status < 500)
                     if load is not None:
-                        self._table.observe_load(indexer, *load)
+                        self._table.observe_load(indexer, *load, answer.service())
                 if answer.status < 400:
                     return answer.json()
                 error = answer.error()
@@ -367,12 +367,12 @@ class AsyncClient(AsyncAliases):
         )
         self._table.begin(target.id)
         outcome: Outcome = "failed"
-        load = None
+        load = service = None
         try:
             answer = await self._send(
                 method, target.address + path, body, headers, where
             )
-            load = answer.load()
+            load, service = answer.load(), answer.service()
             if answer.status < 400:
                 payload = answer.json()
                 outcome = "ok"
@@ -387,7 +387,7 @@ class AsyncClient(AsyncAliases):
             outcome = "cancelled"  # the caller went away: not the indexer's fault
             raise
         finally:
-            self._table.finish(target.id, outcome, load)
+            self._table.finish(target.id, outcome, load, service)
 
     async def _send(
         self,

@@ -123,7 +123,7 @@ def strategy(
 ) -> None:
     """Show the active strategy, or set it to NAME on every balancer given.
 
-    NAME is one of least_load, round_robin, random, p2c.
+    NAME is one of least_load, round_robin, random, p2c, least_latency.
     """
     urls = _balancer_urls(balancers)
     if name is None:

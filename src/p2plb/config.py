@@ -39,7 +39,13 @@ __all__ = [
     "read_config_file",
 ]
 
-STRATEGY_NAMES = ("least_load", "round_robin", "random", "p2c")
+STRATEGY_NAMES = (
+    "least_load",
+    "round_robin",
+    "random",
+    "p2c",
+    "least_latency",
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

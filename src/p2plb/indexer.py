@@ -6,7 +6,9 @@ Rules of this module:
   ``503 overloaded``); ``/healthz`` and ``/v1/load`` never do, so a busy indexer
   still answers its balancer.
 * Every response, errors included, carries ``P2PLB-Load: <load>/<capacity>`` so
-  whoever called learns the load at no cost (design.md "Load").
+  whoever called learns the load at no cost (design.md "Load"), and, once it
+  has served a request, ``P2PLB-Service-Ms``: its recent service time, which
+  ``least_latency`` weighs (``p2plb.servicetime``).
 * Input is validated completely before storage is touched: a rejected request
   changes nothing.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +33,7 @@ from p2plb.limiter import Limiter
 from p2plb.openapi import openapi_handler
 from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.reporter import Reporter
+from p2plb.servicetime import SERVICE_HEADER, ServiceTime, format_service_header
 from p2plb.storage import BUCKETS, MAX_DRIFT_MS, Committed, Storage
 from p2plb.tls import client_context, server_context
 from p2plb.web import (
@@ -73,6 +77,7 @@ class Indexer:
         self.limiter = Limiter(config.capacity, config.queue_limit)
         self.cache = ReadCache()
         self.served = 0
+        self.service = ServiceTime()
         self.service_model: ServiceModel | None = None
         if config.service_time is not None:
             factor, period = config.antagonist or (1.0, 0.0)
@@ -102,6 +107,7 @@ class Indexer:
             "queued": self.limiter.waiting,
             "state": self.state,
             "served": self.served,
+            "service_ms": self.service.ms,
         }
 
     def make_app(self) -> web.Application:
@@ -131,15 +137,21 @@ class Indexer:
         self, request: web.Request, response: web.StreamResponse
     ) -> None:
         response.headers[LOAD_HEADER] = f"{self.limiter.load}/{self.config.capacity}"
+        service = self.service.seconds
+        if service is not None:
+            response.headers[SERVICE_HEADER] = format_service_header(service)
 
     def _limited(self, handler: Any) -> Any:
         model = self.service_model
 
         async def limited(request: web.Request) -> web.StreamResponse:
             async with self.limiter.slot():
+                began = time.monotonic()
                 if model is not None:
                     await model.serve()  # benchmarks only: see workload.py
                 response: web.StreamResponse = await handler(request)
+                now = time.monotonic()
+                self.service.add(now - began, now)
             self.served += 1
             return response
 

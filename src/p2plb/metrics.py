@@ -79,6 +79,11 @@ class _RegistryCollector(Collector):
             "Proxied requests to the indexer that failed.",
             labels=labels,
         )
+        service = GaugeMetricFamily(
+            "p2plb_indexer_service_seconds",
+            "Recent mean time the indexer took to serve one request (queue excluded).",
+            labels=labels,
+        )
         for entry in entries:
             key = [entry.id]
             ratio.add_metric(key, self.registry.effective_load(entry) / entry.capacity)
@@ -86,7 +91,9 @@ class _RegistryCollector(Collector):
             served.add_metric(key, entry.requests)
             routed.add_metric(key, entry.routed)
             errors.add_metric(key, entry.errors)
-        yield from (healthy, total, ratio, up, served, routed, errors)
+            if entry.service is not None:
+                service.add_metric(key, entry.service)
+        yield from (healthy, total, ratio, up, served, routed, errors, service)
 
 
 class Metrics:

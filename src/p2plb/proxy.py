@@ -18,8 +18,8 @@ Rules of this module:
   reads while the budget is spent).
 * A truncated answer is never passed on as a success: the body is read whole
   before the status is sent back.
-* Each answer's ``P2PLB-Load`` header updates the registry's view of that
-  indexer, which is fresher than its last report.
+* Each answer's ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers update the
+  registry's view of that indexer, which is fresher than its last report.
 
 Known shortcoming: the proxy runs in one Python process, about 0.3-0.5x
 HAProxy's requests per second on two cores (aiohttp's client is a third of
@@ -43,6 +43,7 @@ from aiohttp import web
 from p2plb.budget import RetryBudget
 from p2plb.errors import NoHealthyIndexer
 from p2plb.registry import Registry
+from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.web import read_body
 
 __all__ = ["LOAD_HEADER", "MIN_VERSION_HEADER", "Proxy", "parse_load_header"]
@@ -57,7 +58,7 @@ INDEXER_HEADER = "P2PLB-Indexer"
 # load signals, and a write this indexer took but could not copy to a peer
 # (its peers are the problem, not this indexer).
 _LOAD_SIGNALS = frozenset({"overloaded", "replica_behind", "insufficient_replicas"})
-_PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER)
+_PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER, SERVICE_HEADER)
 
 
 def parse_load_header(value: str | None) -> tuple[int, int] | None:
@@ -217,7 +218,7 @@ class Proxy:
 
         # Health counts only what says the indexer is broken: a 503 for load or
         # a 4xx for a bad request is the indexer working as designed.
-        self._note_load(indexer_id, passed.get(LOAD_HEADER))
+        self._note_load(indexer_id, passed.get(LOAD_HEADER), passed.get(SERVICE_HEADER))
         load_signal = status == 503 and _error_code(payload) in _LOAD_SIGNALS
         broken = status >= 500 and not load_signal
         detail = f"HTTP {status}" if broken else ""
@@ -229,10 +230,14 @@ class Proxy:
         answer = web.Response(body=payload, status=status, headers=passed)
         return answer, status < 500
 
-    def _note_load(self, indexer_id: str, header: str | None) -> None:
-        parsed = parse_load_header(header)
+    def _note_load(
+        self, indexer_id: str, load: str | None, service: str | None
+    ) -> None:
+        parsed = parse_load_header(load)
         if parsed is not None:
-            self.registry.observe_load(indexer_id, parsed[0], parsed[1])
+            self.registry.observe_load(
+                indexer_id, *parsed, parse_service_header(service)
+            )
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ Rules of this module:
   with the same sizes (common random numbers): the differences between
   policies are not buried under the noise of independent runs.
 * A product strategy is fed the way the registry feeds it: ``set(id, capacity,
-  estimate)`` on every report, dispatch and completion, where the estimate is
-  the indexer's last reported load plus, if the model counts them, the
-  requests this balancer sent there that have not finished.
+  estimate, service)`` on every report, dispatch and completion, where the
+  estimate is the indexer's last reported load plus, if the model counts
+  them, the requests this balancer sent there that have not finished, and
+  ``service`` is the indexer's recent service time as its answers and reports
+  carry it (``p2plb.servicetime``, on the simulated clock).
 * Arrivals stop at ``duration`` and the run goes on until every request has
   finished, so no latency is cut short; requests that arrive before ``warmup``
   are served but not measured.
@@ -33,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from p2plb import strategies
+from p2plb.servicetime import ServiceTime
 from p2plb.strategies import Strategy
 
 __all__ = [
@@ -113,10 +116,10 @@ class _Dispatcher:
     def sent(self, index: int) -> None:
         """A request was sent to ``index``."""
 
-    def done(self, index: int) -> None:
-        """A request sent to ``index`` finished."""
+    def done(self, index: int, service: float | None) -> None:
+        """A request sent to ``index`` finished; its answer says ``service``."""
 
-    def report(self, index: int, load: int) -> None:
+    def report(self, index: int, load: int, service: float | None) -> None:
         """``index`` reported serving and queueing ``load`` requests."""
 
 
@@ -136,6 +139,7 @@ class _Balancer(_Dispatcher):
         self.reported = [0] * len(capacities)
         self.inflight = [0] * len(capacities)
         self.inflight_at_report = [0] * len(capacities)
+        self.service: list[float | None] = [None] * len(capacities)
         for index, id in enumerate(self.ids):
             strategy.set(id, capacities[index], 0)
 
@@ -149,13 +153,15 @@ class _Balancer(_Dispatcher):
         self.inflight[index] += 1
         self._tell(index)
 
-    def done(self, index: int) -> None:
+    def done(self, index: int, service: float | None) -> None:
         self.inflight[index] -= 1
+        self.service[index] = service
         self._tell(index)
 
-    def report(self, index: int, load: int) -> None:
+    def report(self, index: int, load: int, service: float | None) -> None:
         self.reported[index] = load
         self.inflight_at_report[index] = self.inflight[index]
+        self.service[index] = service
         self._tell(index)
 
     def _tell(self, index: int) -> None:
@@ -165,7 +171,8 @@ class _Balancer(_Dispatcher):
         if self.count_inflight:
             others = max(0, load - self.inflight_at_report[index])
             load = others + self.inflight[index]
-        self.strategy.set(self.ids[index], self.capacities[index], load)
+        id, capacity = self.ids[index], self.capacities[index]
+        self.strategy.set(id, capacity, load, self.service[index])
 
 
 class _UnweightedRoundRobin(_Dispatcher):
@@ -213,7 +220,7 @@ class _IdealJoinShortestQueue(_Dispatcher):
         self.held[index] += 1
         self._push(index)
 
-    def done(self, index: int) -> None:
+    def done(self, index: int, service: float | None) -> None:
         self.held[index] -= 1
         self._push(index)
 
@@ -294,8 +301,10 @@ def run(model: Model, policy: str, seed: int) -> Outcome:
     free = [index for index in range(count) for _ in range(capacities[index])]
     latencies: list[float] = []
     completed = 0
+    means = [ServiceTime() for _ in range(count)]  # what each indexer reports
 
-    events: list[tuple[float, int, int, int, float]] = []
+    # (time, order, kind, indexer, born, how long it was served: departures)
+    events: list[tuple[float, int, int, int, float, float]] = []
     order = itertools.count()
     arrivals = _arrival_times(model, rngs["arrivals"])
     phases = [rngs["reports"].uniform(0, model.report_interval) for _ in capacities]
@@ -304,24 +313,25 @@ def run(model: Model, policy: str, seed: int) -> Outcome:
         busy[index] += 1
         if index == slow and int(now / slow_period) % 2:
             size *= slow_factor
-        row = (now + size, next(order), _DEPARTURE, index, born)
+        row = (now + size, next(order), _DEPARTURE, index, born, size)
         heapq.heappush(events, row)
 
     first = next(arrivals, None)
     if first is not None:
-        heapq.heappush(events, (first, next(order), _ARRIVAL, -1, first))
+        heapq.heappush(events, (first, next(order), _ARRIVAL, -1, first, 0.0))
     if dispatcher is not None and dispatcher.wants_reports:
         for index, phase in enumerate(phases):
             if phase < duration:
-                heapq.heappush(events, (phase, next(order), _REPORT, index, phase))
+                row = (phase, next(order), _REPORT, index, phase, 0.0)
+                heapq.heappush(events, row)
 
     while events:
-        now, _, kind, index, born = heapq.heappop(events)
+        now, _, kind, index, born, served = heapq.heappop(events)
 
         if kind == _ARRIVAL:
             following = next(arrivals, None)
             if following is not None:
-                row = (following, next(order), _ARRIVAL, -1, following)
+                row = (following, next(order), _ARRIVAL, -1, following, 0.0)
                 heapq.heappush(events, row)
             size = service.expovariate(1.0 / mean)
             measured = now >= warmup
@@ -352,6 +362,7 @@ def run(model: Model, policy: str, seed: int) -> Outcome:
 
         elif kind == _DEPARTURE:
             busy[index] -= 1
+            means[index].add(served, now)
             if born >= warmup:
                 latencies.append(now - born)
             if warmup <= now < duration:
@@ -368,15 +379,17 @@ def run(model: Model, policy: str, seed: int) -> Outcome:
                 if queues[index]:
                     head_born, size = queues[index].popleft()
                     start(index, now, head_born, size)
-                dispatcher.done(index)
+                dispatcher.done(index, means[index].seconds)
                 if model.load_header:
-                    dispatcher.report(index, busy[index] + len(queues[index]))
+                    load = busy[index] + len(queues[index])
+                    dispatcher.report(index, load, means[index].seconds)
 
         elif dispatcher is not None:  # a report: only dispatchers ask for them
-            dispatcher.report(index, busy[index] + len(queues[index]))
+            load = busy[index] + len(queues[index])
+            dispatcher.report(index, load, means[index].seconds)
             following_report = now + model.report_interval
             if following_report < duration:
-                row = (following_report, next(order), _REPORT, index, now)
+                row = (following_report, next(order), _REPORT, index, now, 0.0)
                 heapq.heappush(events, row)
 
     latencies.sort()

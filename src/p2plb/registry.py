@@ -237,12 +237,14 @@ class Registry:
         served: int | None = None,
         address: str | None = None,
         instance: str | None = None,
+        service: float | None = None,
     ) -> Entry:
         """A load report: 404 if ``id`` is unknown, 409 if the sender was replaced.
 
         ``served`` is the indexer's cumulative count of requests served; the
         positive difference from the last one is added to ``requests``, and a
         smaller value means the indexer restarted and counts from zero again.
+        ``service`` is its recent service time in seconds, if it has one.
         """
         _check_count(load, "load", minimum=0)
         if state not in STATES:
@@ -263,6 +265,8 @@ class Registry:
         entry.inflight_at_report = entry.inflight
         entry.state = state
         entry.last_report = now
+        if service is not None:
+            entry.service = service
         if entry.instance is None:
             entry.instance = instance
         if served is not None:
@@ -273,11 +277,18 @@ class Registry:
 
     # what the balancer observes ---------------------------------------------------
 
-    def observe_load(self, id: str, load: int, capacity: int) -> None:
-        """A ``P2PLB-Load`` header on a proxied answer: fresher than any report."""
+    def observe_load(
+        self, id: str, load: int, capacity: int, service: float | None = None
+    ) -> None:
+        """A ``P2PLB-Load`` header on a proxied answer: fresher than any report.
+
+        ``service`` comes from the same answer's ``P2PLB-Service-Ms``, if any.
+        """
         entry = self._entries.get(id)
         if entry is None or load < 0 or capacity < 1:
             return
+        if service is not None:
+            entry.service = service
         entry.reported_load = load
         # The answer carrying the header left the indexer's count already.
         entry.inflight_at_report = max(0, entry.inflight - 1)
@@ -497,7 +508,7 @@ class Registry:
         finally:
             for id in removed:
                 entry = self._entries[id]
-                pool.set(id, entry.capacity, entry.load)
+                pool.set(id, entry.capacity, entry.load, entry.service)
 
     def _sync(self, entry: Entry) -> None:
         """Bring both pools in line with ``entry`` (if it is still current)."""
@@ -514,7 +525,7 @@ class Registry:
             (self._write, healthy),
         ):
             if eligible:
-                pool.set(entry.id, entry.capacity, entry.load)
+                pool.set(entry.id, entry.capacity, entry.load, entry.service)
             else:
                 pool.discard(entry.id)
 

@@ -11,7 +11,9 @@ Rules of this module:
 * The load of an indexer is the freshest one known plus this client's own
   requests in flight to it (design.md "Load").  The freshest known is the
   ``P2PLB-Load`` header of its last answer for ``header_ttl`` seconds after it
-  came, else the table's load.
+  came, else the table's load.  Its service time (for ``least_latency``) is
+  the ``P2PLB-Service-Ms`` header of its last answer, or the table's
+  ``service_ms`` when that is newer.
 * Picks use the balancer's own strategy classes (``p2plb.strategies``), one
   per operation, updated incrementally: a pick stays sublinear in the number
   of indexers.  A rebuild happens only when the strategy changes.
@@ -35,7 +37,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from p2plb.errors import RequestError
-from p2plb.strategies import STRATEGIES, Strategy, WeightedRandom, make_strategy
+from p2plb.strategies import (
+    STRATEGIES,
+    LeastLatency,
+    Strategy,
+    WeightedRandom,
+    make_strategy,
+)
 from p2plb.wire import check_address
 
 __all__ = ["NEAR_TIE", "OPS", "Outcome", "Row", "RoutingTable", "Table", "Target"]
@@ -49,7 +57,7 @@ Outcome = Literal["ok", "failed", "busy", "cancelled"]
 NEAR_TIE = 0.1
 #: Capacity-weighted draws the herd guard makes before it keeps the strategy's pick.
 GUARD_DRAWS = 4
-_LOAD_AWARE = frozenset({"least_load", "p2c"})
+_LOAD_AWARE = frozenset({"least_load", "p2c", "least_latency"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Row:
     state: str
     healthy: bool
     zone: str | None = None
+    service: float | None = None  # seconds; None if the balancer knows none
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,14 @@ def _parse_row(row: Any) -> Row:
     state, healthy, zone = row.get("state"), row.get("healthy"), row.get("zone")
     if not isinstance(state, str) or not isinstance(healthy, bool):
         raise ValueError(f"indexers.state/healthy of {id}: got {state!r}/{healthy!r}")
-    return Row(id, address, capacity, load, state, healthy, zone)
+    # Absent from the tables of balancers older than least_latency.
+    service_ms = row.get("service_ms")
+    if service_ms is not None and (
+        type(service_ms) not in (int, float) or not 0 <= service_ms < math.inf
+    ):
+        raise ValueError(f"indexers.service_ms of {id}: got {service_ms!r}")
+    service = None if service_ms is None else service_ms / 1000.0
+    return Row(id, address, capacity, load, state, healthy, zone, service)
 
 
 @dataclass(frozen=True)
@@ -127,8 +143,8 @@ class _View:
 
     __slots__ = (
         "address", "avoid_for", "avoid_until", "capacity", "failures", "header_at",
-        "header_load", "healthy", "id", "inflight", "probation", "state",
-        "table_load",
+        "header_load", "healthy", "id", "inflight", "probation", "service",
+        "service_at", "state", "table_load",
     )  # fmt: skip
 
     def __init__(self, row: Row, avoid_for: float) -> None:
@@ -141,6 +157,8 @@ class _View:
         self.inflight = 0
         self.header_load: int | None = None
         self.header_at = -math.inf
+        self.service = row.service
+        self.service_at = -math.inf  # when an answer last said it
         self.failures = 0
         self.avoid_until: float | None = None
         self.avoid_for = avoid_for
@@ -148,24 +166,45 @@ class _View:
 
 
 class _Pool:
-    """The indexers eligible for one operation, in a strategy and a sampler."""
+    """The indexers eligible for one operation, in a strategy and a sampler.
+
+    ``ratio`` is what the herd guard compares: each indexer's relative load;
+    for ``least_latency`` also ``service``, its service time as the strategy
+    takes it (a known one, or the strategy's estimate for an unknown one).
+    """
 
     def __init__(self, strategy: str, rng: random.Random) -> None:
         self.strategy: Strategy = make_strategy(strategy, rng)
         self.sampler = WeightedRandom(rng) if strategy in _LOAD_AWARE else None
         self.ratio: dict[str, float] = {}
+        self.service: dict[str, float] = {}
 
-    def put(self, id: str, capacity: int, load: float) -> None:
-        self.strategy.set(id, capacity, load)
+    def put(self, id: str, capacity: int, load: float, service: float | None) -> None:
+        self.strategy.set(id, capacity, load, service)
         if self.sampler is not None:
             self.sampler.set(id, capacity, 0)
         self.ratio[id] = load / capacity
+        if isinstance(self.strategy, LeastLatency):
+            self.service[id] = self.strategy.service_of(id)
+
+    def near(self, id: str, chosen: str, near_tie: float) -> bool:
+        """Whether ``id`` is as good as ``chosen`` to the herd guard.
+
+        For ``least_latency`` an indexer must also be about as fast: a slow
+        one is never as good as a fast pick, however idle it looks.
+        """
+        if self.ratio[id] > self.ratio[chosen] + near_tie:
+            return False
+        if isinstance(self.strategy, LeastLatency):
+            return self.service[id] <= self.service[chosen] * (1.0 + near_tie)
+        return True
 
     def drop(self, id: str) -> None:
         self.strategy.discard(id)
         if self.sampler is not None:
             self.sampler.discard(id)
         self.ratio.pop(id, None)
+        self.service.pop(id, None)
 
 
 class RoutingTable:
@@ -228,6 +267,8 @@ class RoutingTable:
                 view = self._views[row.id] = _View(row, self.avoid_for)
             view.capacity, view.table_load = row.capacity, row.load
             view.state, view.healthy = row.state, row.healthy
+            if row.service is not None and now - view.service_at >= self.header_ttl:
+                view.service = row.service
         for id in [id for id in self._views if id not in kept]:
             self._drop(id)
             del self._views[id]
@@ -248,14 +289,18 @@ class RoutingTable:
         rows = tuple(Row(a, a, 1, 0, "serving", True) for a in addresses)
         self.apply(Table(None, self.strategy or "round_robin", rows), source="indexers")
 
-    def observe_load(self, id: str, load: int, capacity: int) -> None:
-        """A ``P2PLB-Load`` header of an answer from ``id``."""
+    def observe_load(
+        self, id: str, load: int, capacity: int, service: float | None = None
+    ) -> None:
+        """The ``P2PLB-Load`` (and ``P2PLB-Service-Ms``) headers of an answer."""
         view = self._views.get(id)
         if view is None:
             return
         now = self._clock()
         view.header_load, view.header_at = load, now
         view.capacity = capacity
+        if service is not None:
+            view.service, view.service_at = service, now
         self._sync(view, now)
 
     # -- a request's life ----------------------------------------------------------
@@ -268,10 +313,15 @@ class RoutingTable:
             self._sync(view, self._clock())
 
     def finish(
-        self, id: str, outcome: Outcome, load: tuple[int, int] | None = None
+        self,
+        id: str,
+        outcome: Outcome,
+        load: tuple[int, int] | None = None,
+        service: float | None = None,
     ) -> None:
         """A request to ``id`` ended: answered, failed, refused for load, or
-        given up by the caller (which says nothing about the indexer)."""
+        given up by the caller (which says nothing about the indexer).
+        ``load`` and ``service`` are what the answer's headers said."""
         if outcome in ("failed", "busy"):
             self.errors[id] += 1
         view = self._views.get(id)
@@ -282,6 +332,8 @@ class RoutingTable:
         if load is not None:
             view.header_load, view.capacity = load
             view.header_at = now
+        if service is not None:
+            view.service, view.service_at = service, now
 
         if outcome == "ok":
             view.failures = 0
@@ -330,7 +382,8 @@ class RoutingTable:
     # with equal loads the strategies break ties uniformly, which gives a small
     # indexer as many requests as a large one.  So for the load-aware
     # strategies a client counts every indexer whose relative load is within
-    # ``near_tie`` of the strategy's pick as just as good, and chooses among
+    # ``near_tie`` of the strategy's pick (for least_latency: and whose service
+    # time is within that fraction of it) as just as good, and chooses among
     # them in proportion to capacity: up to GUARD_DRAWS capacity-weighted draws
     # (O(log n) each), keeping the first that is within the tie, else the
     # strategy's own pick.  Fifty clients on a fresh table then spread in
@@ -343,12 +396,11 @@ class RoutingTable:
         if id is None or pool.sampler is None:
             return id
 
-        limit = pool.ratio[id] + self.near_tie
         for _ in range(GUARD_DRAWS):
             other = pool.sampler.pick()
             if other is None or other in exclude:
                 continue
-            if pool.ratio[other] <= limit:
+            if pool.near(other, id, self.near_tie):
                 return other
         return id
 
@@ -368,7 +420,7 @@ class RoutingTable:
             now = self._clock()
             for id in removed:
                 view = self._views[id]
-                pool.strategy.set(id, view.capacity, self._load(view, now))
+                pool.put(id, view.capacity, self._load(view, now), view.service)
 
     def _least_avoided(self, op: str, exclude: Collection[str]) -> str | None:
         # O(n), but only when every eligible indexer is being avoided.
@@ -401,7 +453,7 @@ class RoutingTable:
         load = self._load(view, now)
         for op, pool in self._pools.items():
             if self._eligible(view, op):
-                pool.put(view.id, view.capacity, load)
+                pool.put(view.id, view.capacity, load, view.service)
             else:
                 pool.drop(view.id)
 

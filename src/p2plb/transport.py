@@ -27,6 +27,7 @@ from yarl import URL
 from p2plb.errors import P2PLBError, Timeout, Unreachable, error_from_body
 from p2plb.proxy import LOAD_HEADER, parse_load_header
 from p2plb.routing import Table
+from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 
 __all__ = [
     "Answer",
@@ -61,6 +62,10 @@ class Answer:
 
     def load(self) -> tuple[int, int] | None:
         return parse_load_header(self.headers.get(LOAD_HEADER))
+
+    def service(self) -> float | None:
+        """The indexer's recent service time in seconds, if the answer says."""
+        return parse_service_header(self.headers.get(SERVICE_HEADER))
 
     def error(self) -> P2PLBError:
         try:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from p2plb.errors import RequestError
+from p2plb.servicetime import MAX_SERVICE_MS
 
 __all__ = [
     "MAX_ITEM_BYTES",
@@ -250,6 +251,7 @@ class LoadBody(msgspec.Struct):
     address: str | None = None
     instance: str | None = None
     peers_version: int | None = None  # the member list the indexer holds
+    service_ms: float | None = None  # recent service time (p2plb.servicetime)
     protocol: int = PROTOCOL
 
     def check(self) -> LoadBody:
@@ -270,6 +272,14 @@ class LoadBody(msgspec.Struct):
             check_capacity(self.capacity)
         if self.address is not None:
             self.address = check_address(self.address)
+        if self.service_ms is not None and not (
+            0.0 <= self.service_ms <= MAX_SERVICE_MS  # also refuses NaN
+        ):
+            raise invalid(
+                "service_ms",
+                f"must be milliseconds from 0 to {MAX_SERVICE_MS:.0f} (an hour), "
+                f"got {self.service_ms:g}",
+            )
         return self
 
 
@@ -351,6 +361,7 @@ class IndexerLoad(msgspec.Struct):
     queued: Count
     state: str
     served: Count
+    service_ms: Annotated[float, msgspec.Meta(ge=0)] | None
 
 
 class BalancerHealth(msgspec.Struct):
@@ -410,6 +421,7 @@ class RoutingRow(msgspec.Struct):
     state: str
     healthy: bool
     zone: str | None
+    service_ms: Annotated[float, msgspec.Meta(ge=0)] | None
 
 
 class RoutingTable(msgspec.Struct):
