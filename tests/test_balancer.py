@@ -374,8 +374,17 @@ async def test_restart_restores_registry_strategy_and_counters(
 
     assert balancer.stop() == 0
     balancer.wait_for(r"balancer\.stopped")
-    balancer.start()
+    # Probes an hour apart and reports an hour apart: only the probe made at
+    # start can bring the restored indexers back.  The --strategy given loses
+    # to the restored one (design.md), and says so.
+    balancer = procs.balancer(
+        "balancer", "--probe-interval", "1h", "--strategy", "round_robin"
+    )
     balancer.wait_for(r"state\.restored path=\S+ indexers=2 strategy=p2c")
+    balancer.wait_for(
+        r"WARNING p2plb\.balancer balancer\.strategy_restored strategy=p2c "
+        r"given=round_robin; the state file's strategy wins"
+    )
 
     async def probed_back() -> bool:
         return (await status_of(http, balancer))["healthy_indexers"] == 2
@@ -393,6 +402,8 @@ CORRUPT = {
     "nul-filled": b"\x00" * 4096,
     "wrong-shape-list": b"[1, 2, 3]",
     "wrong-shape-registry": b'{"format": 1, "registry": {"indexers": "nope"}}',
+    "unhashable-strategy": b'{"format": 1, "registry": {"version": 1, "strategy": '
+    b'[], "total_requests": 0, "routed_requests": 0, "indexers": []}}',
 }
 
 

@@ -112,6 +112,16 @@ def test_restored_waits_for_one_good_probe() -> None:
     assert health.on_probe(True, "", T0 + 3) == up("probe ok")  # rise is 2
 
 
+def test_a_restored_indexer_that_never_answers_says_why() -> None:
+    health = fresh(restored=True)
+    health.on_probe(False, "connection refused", T0 + 1)
+    assert health.on_probe(False, "connection refused", T0 + 2) is None  # still down
+    assert health.describe(T0 + 2) == "restored; 2 failed probes: connection refused"
+    health.on_probe(False, "probe timed out", T0 + 3)
+    assert health.reason == "restored; 3 failed probes: probe timed out"
+    assert health.on_probe(True, "", T0 + 4) == up("probe ok")
+
+
 def test_passive_ejection_then_probation_then_doubling() -> None:
     health = fresh()
     health.on_report(T0)

@@ -9,6 +9,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import NoHealthyIndexer, RequestError
@@ -524,6 +526,38 @@ def test_restore_rejects_wrong_shapes(clock: FakeClock, case: str, mutate: Any) 
     with pytest.raises(ValueError, match=r"^snapshot"):
         target.restore(broken)
     assert [e.id for e in target.entries()] == ["keep"]  # nothing changed
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@given(path=st.integers(0, 1_000), value=_JSON)
+@settings(max_examples=300, deadline=None)
+def test_any_field_of_any_json_type_is_a_value_error(path: int, value: Any) -> None:
+    # A state file is JSON: whatever a field holds instead of what belongs
+    # there, restoring refuses with the ValueError the balancer sets aside
+    # (an unhashable strategy once crashed it at every start).
+    clock = FakeClock()
+    snapshot = populated(clock).snapshot()
+    fields: list[tuple[Any, Any]] = [(snapshot, key) for key in snapshot]
+    for row in snapshot["indexers"]:
+        fields += [(row, key) for key in row]
+    holder, key = fields[path % len(fields)]
+    holder[key] = value
+
+    target = make(clock)
+    add(target, "keep")
+    try:
+        target.restore(snapshot)
+    except ValueError:
+        assert [e.id for e in target.entries()] == ["keep"]
 
 
 def test_restore_rejects_non_objects(clock: FakeClock) -> None:

@@ -82,6 +82,7 @@ class Balancer:
             self.registry,
             timeout=config.proxy_timeout,
             retries=config.proxy_retries,
+            keepalive=config.proxy_keepalive,
             max_body_size=config.max_body_size,
             observe=self._observe_proxy,
             ssl=client_context(config.ca_file),
@@ -109,12 +110,19 @@ class Balancer:
             len(self.registry),
             self.registry.strategy,
         )
-        if self.registry.strategy != self.config.strategy:
-            logger.info(
-                "balancer.strategy_restored strategy=%s flag=%s",
-                self.registry.strategy,
-                self.config.strategy,
-            )
+        if self.registry.strategy == self.config.strategy:
+            return
+        # design.md: a restart restores the strategy, including one changed at
+        # run time; a --strategy given at start then loses, which its operator
+        # should hear about.
+        log = logger.warning if self.config.strategy_given else logger.info
+        log(
+            "balancer.strategy_restored strategy=%s given=%s; the state file's "
+            "strategy wins, change it with PUT /v1/strategy (p2plb strategy %s)",
+            self.registry.strategy,
+            self.config.strategy,
+            self.config.strategy,
+        )
 
     async def start(self) -> None:
         await self.proxy.start()

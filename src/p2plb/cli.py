@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from p2plb import __version__
 from p2plb.config import (
@@ -59,6 +60,30 @@ def _default_text(setting: Setting) -> str:
     return f" [default: {default}]"
 
 
+# What a flag's value looks like in --help, by the function that parses it.
+_METAVARS = {
+    "parse_duration": "DURATION",
+    "_parse_size": "SIZE",
+    "parse": "N",  # _int_at_least's parser
+    "_parse_text": "TEXT",
+    "_parse_url": "URL",
+    "_parse_urls": "URL",
+    "_parse_strategy": "NAME",
+    "_parse_log_level": "LEVEL",
+    "_parse_id": "ID",
+    "parse_antagonist": "FACTOR/PERIOD",
+}
+
+
+def _metavar(setting: Setting) -> str:
+    name = setting.parse.__name__
+    if setting.name.endswith(("_file", "_dir", "_cert", "_key")):
+        return "PATH"
+    if setting.name.endswith("_token"):
+        return "TOKEN"
+    return _METAVARS.get(name, "VALUE")
+
+
 def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
     """One flag per setting, with its environment variable, in declared order."""
 
@@ -66,14 +91,14 @@ def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
         for setting in reversed(settings):
             help_text = setting.help + _default_text(setting)
             if setting.parse.__name__ == "_parse_bool":
+                # Not envvar=: click would refuse "maybe" in three lines of its
+                # own; _load reads the variable and config parses it.
                 func = click.option(
                     setting.flag,
                     setting.name,
                     is_flag=True,
                     default=None,
-                    envvar=env_name(setting),
-                    show_envvar=True,
-                    help=help_text,
+                    help=f"{help_text}  [env var: {env_name(setting)}]",
                 )(func)
                 continue
             func = click.option(
@@ -83,7 +108,7 @@ def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
                 default=None,
                 envvar=env_name(setting),
                 show_envvar=True,
-                metavar="URL" if setting.many else "VALUE",
+                metavar=_metavar(setting),
                 help=help_text,
             )(func)
         func = click.option(
@@ -106,13 +131,25 @@ def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
 def _load(kind: str, values: dict[str, Any]) -> IndexerConfig | BalancerConfig:
     config_file = values.pop("config_file", None)
     print_config = values.pop("print_config", False)
+    settings = INDEXER_SETTINGS if kind == "indexer" else BALANCER_SETTINGS
+    context = click.get_current_context()
+    # A bad value is reported under the name the user gave it by.
+    labels: dict[str, str] = {}
+    for setting in settings:
+        variable = env_name(setting)
+        if values.get(setting.name) is None and variable in os.environ:
+            values[setting.name] = os.environ[variable]  # the flags of _parse_bool
+            labels[setting.name] = variable
+        elif context.get_parameter_source(setting.name) is ParameterSource.ENVIRONMENT:
+            labels[setting.name] = variable
     try:
         from_file = read_config_file(config_file, kind) if config_file else {}
-        config = build_config(kind, values, from_file)
+        config = build_config(kind, values, from_file, labels=labels)
     except ConfigError as exc:
         _fail(str(exc))
     if print_config:
         shown = dataclasses.asdict(config)
+        shown.pop("strategy_given", None)  # how it was set, not a setting
         for key in ("cluster_token", "admin_token"):
             if shown.get(key):
                 shown[key] = "<hidden>"

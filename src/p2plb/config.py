@@ -415,6 +415,13 @@ BALANCER_SETTINGS: tuple[Setting, ...] = (
         2,
         "Further indexers a failed proxied request is tried on.",
     ),
+    Setting(
+        "proxy_keepalive",
+        parse_duration,
+        30.0,
+        "How long the proxy keeps an idle connection to an indexer; keep it "
+        "below the indexers' --idle-timeout, so that the proxy closes it first.",
+    ),
 )
 
 
@@ -469,6 +476,11 @@ class BalancerConfig(_ServerConfig):
     eject_for: float
     proxy_timeout: float
     proxy_retries: int
+    proxy_keepalive: float
+    # Whether --strategy (or its variable or key) was given rather than the
+    # default: a strategy restored from the state file wins either way
+    # (design.md), but one given explicitly is then worth a warning.
+    strategy_given: bool = False
 
 
 def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
@@ -502,6 +514,7 @@ def _resolve(
     settings: Sequence[Setting],
     given: Mapping[str, Any],
     from_file: Mapping[str, Any],
+    labels: Mapping[str, str],
 ) -> dict[str, Any]:
     known = {s.name for s in settings}
     unknown = sorted(set(from_file) - known - _OTHER_SECTION_KEYS)
@@ -511,19 +524,21 @@ def _resolve(
     values: dict[str, Any] = {}
     for setting in settings:
         raw = given.get(setting.name)
+        label = labels.get(setting.name, setting.flag)
         if raw is None or (setting.many and not raw):
             raw = from_file.get(setting.name)
+            label = f"{setting.name} (in --config)"
         if raw is None or (setting.many and not raw):
             values[setting.name] = setting.default
             continue
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.flag}: {exc}") from None
+            raise ConfigError(f"{label}: {exc}") from None
         except RequestError as exc:
             # The shared checks name the wire field ("address: ..."); name the flag.
             reason = exc.message.split(": ", 1)[-1]
-            raise ConfigError(f"{setting.flag}: {reason}") from None
+            raise ConfigError(f"{label}: {reason}") from None
     return values
 
 
@@ -557,12 +572,21 @@ def _check_exposure(values: Mapping[str, Any], *, needs_admin: bool) -> None:
 
 
 def build_config(
-    kind: str, given: Mapping[str, Any], from_file: Mapping[str, Any] | None = None
+    kind: str,
+    given: Mapping[str, Any],
+    from_file: Mapping[str, Any] | None = None,
+    *,
+    labels: Mapping[str, str] | None = None,
 ) -> IndexerConfig | BalancerConfig:
-    """Validate flag/environment values over file values over defaults."""
+    """Validate flag/environment values over file values over defaults.
+
+    ``labels`` names where a given value came from when it was not a flag (an
+    environment variable), for the error that refuses it.
+    """
     file_values = from_file or {}
+    names = labels or {}
     if kind == "indexer":
-        values = _resolve(INDEXER_SETTINGS, given, file_values)
+        values = _resolve(INDEXER_SETTINGS, given, file_values, names)
         if values["id"] is None:
             raise ConfigError("--id: an indexer needs an id (or P2PLB_ID)")
         if values["data_dir"] is None:
@@ -572,12 +596,13 @@ def build_config(
         _check_exposure(values, needs_admin=False)
         return IndexerConfig(**values)
     if kind == "balancer":
-        values = _resolve(BALANCER_SETTINGS, given, file_values)
+        values = _resolve(BALANCER_SETTINGS, given, file_values, names)
         _check_exposure(values, needs_admin=True)
         if values["forget_after"] < values["unhealthy_after"]:
             raise ConfigError(
                 "--forget-after: must not be shorter than --unhealthy-after "
                 f"({values['forget_after']:g}s < {values['unhealthy_after']:g}s)"
             )
-        return BalancerConfig(**values)
+        given_strategy = given.get("strategy") or file_values.get("strategy")
+        return BalancerConfig(**values, strategy_given=given_strategy is not None)
     raise ValueError(f"unknown server kind {kind!r}")

@@ -4,7 +4,8 @@ An indexer is healthy when none of these holds (checked in this order, and the
 first that holds gives the reason):
 
 1. **Restored, not yet probed.**  An entry a balancer restored from its state
-   file is unhealthy ("restored; awaiting probe") until one probe succeeds.
+   file is unhealthy ("restored; awaiting probe") until one probe succeeds;
+   once ``probe_fall`` probes failed, the reason says how they failed.
 2. **Ejected.**  ``passive_fall`` proxied requests in a row failed (the caller
    decides what is a failure: refused, reset, timed out, a 5xx other than
    ``503 overloaded``), so it is left out for ``eject_for`` seconds.  Nothing
@@ -253,6 +254,8 @@ class Health:
 
     def _problem(self, now: float) -> str | None:
         if self._awaiting_probe:
+            if self._probe_down:  # say why, not only that it is waiting
+                return f"restored; {self._probe_reason}"
             return "restored; awaiting probe"
         if self.ejected:
             return self._ejected_reason

@@ -80,6 +80,7 @@ class Proxy:
         timeout: float,
         retries: int,
         max_body_size: int,
+        keepalive: float = 30.0,
         observe: Callable[[str, float, bool], None] | None = None,
         ssl: SSLContext | None = None,
         budget: RetryBudget | None = None,
@@ -88,6 +89,7 @@ class Proxy:
         self._ssl = ssl
         self.timeout = timeout
         self.retries = retries
+        self.keepalive = keepalive
         self.max_body_size = max_body_size
         self.observe = observe
         self.budget = budget or RetryBudget(clock=time.monotonic)
@@ -96,13 +98,14 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # Keep-alive shorter than aiohttp's server default (75 s) so the proxy,
-        # not the indexer, closes an idle connection: a request never lands on
-        # a socket the indexer is closing at the same moment.
+        # Keep-alive shorter than the indexers' --idle-timeout (75 s unless
+        # told otherwise) so the proxy, not the indexer, closes an idle
+        # connection: a request never lands on a socket the indexer is closing
+        # at the same moment.
         connector = aiohttp.TCPConnector(
             limit=0,
             limit_per_host=256,
-            keepalive_timeout=30,
+            keepalive_timeout=self.keepalive,
             enable_cleanup_closed=True,
             ssl=self._ssl or True,
         )

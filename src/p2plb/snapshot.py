@@ -67,7 +67,9 @@ def parse_snapshot(snapshot: Any) -> list[dict[str, Any]]:
         raise ValueError(
             f"snapshot.version: expected {SNAPSHOT_VERSION}, got {version!r}"
         )
-    if snapshot["strategy"] not in STRATEGIES:
+    if not isinstance(snapshot["strategy"], str) or (
+        snapshot["strategy"] not in STRATEGIES
+    ):
         raise ValueError(
             f"snapshot.strategy: unknown strategy {snapshot['strategy']!r}"
         )

@@ -182,16 +182,69 @@ def simulate(
 @click.option("--duration", type=float, default=None, help="Seconds per contender.")
 @click.option("--warmup", type=float, default=None, help="Seconds not measured.")
 @click.option("--load", type=float, default=None, help="Offered load, 0-1.")
-@click.option("--capacities", default=None, metavar="1,1,2,2,4,4")
-@click.option("--service-time", default=None, metavar="20ms")
-@click.option("--queue-limit", type=int, default=64, show_default=True)
-@click.option("--connections", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--capacities",
+    default=None,
+    metavar="1,1,2,2,4,4",
+    help="One indexer per number, of that capacity. Default: the scenario's.",
+)
+@click.option(
+    "--service-time",
+    default=None,
+    metavar="20ms",
+    help="Mean of the indexers' exponential service time.",
+)
+@click.option(
+    "--queue-limit",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Requests each indexer queues beyond its capacity before 503.",
+)
+@click.option(
+    "--connections",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Connections the load generator keeps open to its target.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the arrival schedule every contender faces.",
+)
 @click.option("--no-haproxy", is_flag=True, help="Leave HAProxy out.")
-@click.option("--quiet-timeout", type=float, default=None)
-@click.option("--workdir", type=click.Path(file_okay=False), default=None)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--quiet-timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Wait up to this long before each contender for other processes to "
+    "leave the CPUs idle (0: do not wait). Default: 30, 0 with --quick.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep every process's log and data here (default: a temporary dir).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the whole report as JSON to this file.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also plot latency per contender and share per indexer (PNG; needs "
+    "pip install 'p2plb[bench]').",
+)
 def bench(
     scenarios: tuple[str, ...],
     quick: bool,

@@ -1,0 +1,85 @@
+"""Server settings given on the command line: errors name what the user typed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from p2plb.cli import cli
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["balancer"],
+            {"P2PLB_INSECURE": "maybe"},
+            "P2PLB_INSECURE: expected true or false, got 'maybe'",
+        ),
+        (
+            ["indexer", "--id", "a"],
+            {"P2PLB_CAPACITY": "x"},
+            "P2PLB_CAPACITY: expected a whole number, got 'x'",
+        ),
+        (
+            ["indexer", "--id", "a", "--capacity", "x"],
+            {},
+            "--capacity: expected a whole number, got 'x'",
+        ),
+        (
+            ["balancer", "--probe-interval", "soon"],
+            {"P2PLB_PROBE_INTERVAL": "1s"},
+            "--probe-interval: expected a duration like 10s, 500ms or 1h, got 'soon'",
+        ),
+    ],
+)
+def test_a_bad_value_is_named_as_it_was_given(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = CliRunner().invoke(cli, [*args, "--print-config"], env=env)
+    assert (result.exit_code, result.output) == (2, f"p2plb: error: {message}\n")
+
+
+def test_a_bad_value_in_the_config_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "p2plb.toml"
+    path.write_text('[indexer]\ncapacity = "x"\n')
+    result = CliRunner().invoke(
+        cli, ["indexer", "--id", "a", "--config", str(path), "--print-config"]
+    )
+    assert (result.exit_code, result.output) == (
+        2,
+        "p2plb: error: capacity (in --config): expected a whole number, got 'x'\n",
+    )
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on", "yes"])
+def test_a_switch_can_be_set_by_its_variable(value: str) -> None:
+    result = CliRunner().invoke(
+        cli, ["balancer", "--print-config"], env={"P2PLB_INSECURE": value}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["insecure"] is True
+
+
+def test_the_flag_beats_the_variable_for_a_switch() -> None:
+    result = CliRunner().invoke(
+        cli, ["balancer", "--insecure", "--print-config"], env={"P2PLB_INSECURE": "no"}
+    )
+    assert json.loads(result.output)["insecure"] is True
+    result = CliRunner().invoke(
+        cli, ["balancer", "--print-config"], env={"P2PLB_INSECURE": "no"}
+    )
+    assert json.loads(result.output)["insecure"] is False
+
+
+def test_print_config_shows_settings_not_how_they_were_given() -> None:
+    result = CliRunner().invoke(
+        cli, ["balancer", "--strategy", "p2c", "--print-config"]
+    )
+    shown = json.loads(result.output)
+    assert shown["strategy"] == "p2c"
+    assert "strategy_given" not in shown
+    assert shown["proxy_keepalive"] == 30.0
