@@ -275,7 +275,12 @@ class Balancer:
             # is up to say so: 400 here, never 503 no_healthy_indexer.
             if "name" in request.match_info:
                 check_name(request.match_info["name"])
-            return await self.proxy.forward(request, op=op)
+            try:
+                return await self.proxy.forward(request, op=op)
+            finally:
+                # A passive ejection is logged when it happens, not at the
+                # next tick.
+                self._log_changes([])
 
         return forward
 

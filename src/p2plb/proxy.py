@@ -206,6 +206,8 @@ class Proxy:
             detail = _describe(exc)
             elapsed = time.perf_counter() - started
             self.registry.finish(token, ok=False, latency_s=elapsed, detail=detail)
+            if self.observe is not None:
+                self.observe(indexer_id, elapsed, False)
             logger.info(
                 "proxy.attempt_failed indexer=%s path=%s error=%s",
                 indexer_id,

@@ -1,0 +1,129 @@
+"""Indexers find their way back: after a 404, a balancer restart, a replacement.
+
+Real ``p2plb balancer`` and ``p2plb indexer`` processes on loopback.  The
+balancer's port is fixed for each test, so that a restarted balancer is found
+again at the address the indexers were given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import aiohttp
+
+from procs import Proc, Procs, eventually, request
+
+FAST = ("--report-interval", "0.3s", "--membership-interval", "0.2s")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def listed(http: aiohttp.ClientSession, balancer: Proc) -> dict[str, str]:
+    status, body, _ = await request(http, "GET", f"{balancer.url}/v1/indexers")
+    assert status == 200
+    return {entry["id"]: entry["address"] for entry in body["indexers"]}
+
+
+async def test_an_indexer_the_balancer_forgot_registers_again(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer()
+    indexer = procs.indexer("i1", "--balancer", balancer.url, *FAST)
+
+    async def back() -> bool:
+        return await listed(http, balancer) == {"i1": indexer.url}
+
+    await eventually(back, within=10)
+    assert (await request(http, "DELETE", f"{balancer.url}/v1/indexers/i1"))[0] == 204
+    assert await listed(http, balancer) == {}
+
+    # Its next report gets 404, and it registers again at once.
+    await eventually(back, within=10)
+    indexer.wait_for(r"reporter\.registered balancer=\S+ id=i1 .* new=True")
+
+
+async def test_indexers_register_again_with_a_restarted_balancer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    balancer = procs.balancer("balancer", "--port", str(port))
+    indexers = [
+        procs.indexer(f"i{n}", "--balancer", balancer.url, *FAST) for n in (1, 2)
+    ]
+    expected = {proc.name: proc.url for proc in indexers}
+
+    async def all_listed() -> bool:
+        return await listed(http, balancer) == expected
+
+    await eventually(all_listed, within=10)
+
+    # Killed, state file gone: the new balancer knows nobody until they report.
+    balancer.kill()
+    (procs.workdir / "balancer-state.json").unlink(missing_ok=True)
+    balancer = procs.balancer("balancer", "--port", str(port))
+    assert await listed(http, balancer) == {}
+    await eventually(all_listed, within=10)
+
+
+async def test_a_replaced_indexer_is_told_and_stops_reporting(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer()
+    old = procs.indexer("i1", "--balancer", balancer.url, *FAST)
+
+    async def registered() -> bool:
+        return "i1" in await listed(http, balancer)
+
+    await eventually(registered, within=10)
+
+    # Another process registers with the same id elsewhere: a restart on
+    # another host.  The old one's next report is refused and it says so.
+    elsewhere = {"id": "i1", "address": "http://127.0.0.1:9", "capacity": 1,
+                 "instance": "the-new-one"}  # fmt: skip
+    status, _, _ = await request(
+        http, "POST", f"{balancer.url}/v1/indexers", json=elsewhere
+    )
+    assert status == 200
+    old.wait_for(
+        r"ERROR p2plb\.reporter reporter\.superseded balancer=\S+ id=i1 "
+        r"address=\S+: another indexer registered with this id"
+    )
+    assert await listed(http, balancer) == {"i1": "http://127.0.0.1:9"}
+    # Absence takes waiting: three report intervals without another attempt.
+    await asyncio.sleep(1.0)
+    assert await listed(http, balancer) == {"i1": "http://127.0.0.1:9"}
+    assert old.log().count("reporter.superseded") == 1
+
+
+def p2plb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2plb", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_a_strategy_change_reaches_the_balancers_that_answer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer()
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    changed = p2plb("strategy", "p2c", "--balancer", balancer.url, "--balancer", dead)
+
+    assert changed.returncode == 1
+    assert changed.stdout == f"{balancer.url}  p2c\n"
+    lines = changed.stderr.splitlines()
+    assert len(lines) == 1, changed.stderr
+    assert lines[0].startswith(f"p2plb: error: balancer {dead} is unreachable:")
+    status, body, _ = await request(http, "GET", f"{balancer.url}/v1/strategy")
+    assert (status, body) == (200, {"strategy": "p2c"})

@@ -1,0 +1,144 @@
+"""The proxy never passes a broken answer on as a success, and counts it.
+
+A real ``p2plb balancer`` in front of a real indexer and of a raw TCP server
+that promises a body it never sends in full: the proxy must fail that attempt
+over to the real indexer, count an error against the liar, and show it in
+``/v1/status`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from procs import Procs, eventually, request
+
+
+class Liar:
+    """Answers ``/healthz`` well and every other request with a cut body."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> Liar:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        if head.startswith(b"GET /healthz "):
+            body = b'{"status": "ok"}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        else:
+            self.hits += 1
+            # 200 and a length of 100, then 22 bytes and a hang-up.
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\nP2PLB-Load: 0/1000\r\n\r\n"
+                b'{"name": "x", "items":'
+            )
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def liar() -> AsyncIterator[Liar]:
+    started = await Liar().start()
+    yield started
+    await started.stop()
+
+
+async def test_a_truncated_answer_is_never_a_success(
+    procs: Procs, http: aiohttp.ClientSession, liar: Liar
+) -> None:
+    balancer = procs.balancer("balancer", "--probe-interval", "1h")
+    good = procs.indexer("i1", "--balancer", balancer.url, "--report-interval", "1h")
+    # Written before the liar registers: it could hold no second copy.
+    status, _, _ = await request(
+        http, "POST", f"{good.url}/v1/indices/songs/items", json={"item": "a"}
+    )
+    assert status == 200
+    # Both look idle: least_load breaks the tie at random, request by request.
+    body = {"id": "liar", "address": liar.url, "capacity": 1000}
+    assert (await request(http, "POST", f"{balancer.url}/v1/indexers", json=body))[
+        0
+    ] == 201
+    report = {"load": 0, "state": "serving"}
+    url = f"{balancer.url}/v1/indexers/liar/load"
+    assert (await request(http, "PUT", url, json=report))[0] == 200
+
+    async def both_serving() -> bool:
+        status = (await request(http, "GET", f"{balancer.url}/v1/status"))[1]
+        return [(r["id"], r["state"]) for r in status["indexers"]] == [
+            ("i1", "serving"),
+            ("liar", "serving"),
+        ]
+
+    await eventually(both_serving, within=10)
+
+    sent = 0
+    while liar.hits < 3 and sent < 200:
+        sent += 1
+        async with http.get(f"{balancer.url}/v1/indices/songs") as answer:
+            raw = await answer.read()
+            # Whole and from the real indexer, whatever the liar promised.
+            assert answer.status == 200, raw
+            assert json.loads(raw) == {"name": "songs", "items": ["a"], "next": None}
+            assert answer.headers["P2PLB-Indexer"] == "i1"
+    assert liar.hits == 3
+    for _ in range(10):  # three failures in a row: ejected, tried no more
+        assert (await request(http, "GET", f"{balancer.url}/v1/indices/songs"))[
+            0
+        ] == 200
+    assert liar.hits == 3
+
+    rows = {
+        r["id"]: r
+        for r in (await request(http, "GET", f"{balancer.url}/v1/status"))[1][
+            "indexers"
+        ]
+    }
+    assert rows["liar"]["errors"] == 3
+    assert (rows["liar"]["healthy"], rows["liar"]["health_reason"]) == (
+        False,
+        "ejected after 3 failed requests: truncated answer",
+    )
+    assert rows["i1"]["errors"] == 0
+
+    async with http.get(f"{balancer.url}/metrics") as answer:
+        metrics = await answer.text()
+    for line in (
+        'p2plb_indexer_errors_total{indexer="liar"} 3.0',
+        'p2plb_indexer_errors_total{indexer="i1"} 0.0',
+        'p2plb_indexer_routed_total{indexer="liar"} 3.0',
+        f'p2plb_indexer_routed_total{{indexer="i1"}} {sent + 10}.0',
+        'p2plb_indexer_healthy{indexer="liar"} 0.0',
+        'p2plb_health_transitions_total{to="unhealthy"} 1.0',
+        'p2plb_proxy_latency_seconds_count{outcome="error"} 3.0',
+        f'p2plb_proxy_latency_seconds_count{{outcome="ok"}} {sent + 10}.0',
+    ):
+        assert line in metrics, line
+    assert re.search(r'p2plb_indexer_requests_total\{indexer="i1"\} \d', metrics)
