@@ -9,6 +9,15 @@ import pytest
 from procs import Procs
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-minutes",
+        type=float,
+        default=None,
+        help="how long tests/test_chaos.py runs (default 1; P2PLB_CHAOS_MINUTES)",
+    )
+
+
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Procs]:
     """Real p2plb processes on loopback, all killed when the test ends."""
