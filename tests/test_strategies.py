@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
+from p2plb.buckets import LowestIndex
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import RequestError
 from p2plb.strategies import (
@@ -427,3 +428,13 @@ def test_round_robin_survives_moving_virtual_time_back() -> None:
     assert strategy._now < 10
     for start in range(len(sequence) - 6):
         assert Counter(sequence[start : start + 6]) == {"a": 3, "b": 2, "c": 1}
+
+
+def test_a_lowest_index_refuses_a_bucket_out_of_range() -> None:
+    index = LowestIndex(random.Random(0), lambda key: int(key), buckets=4)
+    index.place("a", 3.5)
+    with pytest.raises(ValueError, match="bucket of 4.5 must be -1 to 3"):
+        index.place("b", 4.5)
+    assert (len(index), index.lowest(), "b" in index) == (1, "a", False)
+    with pytest.raises(ValueError, match="buckets must be >= 1"):
+        LowestIndex(random.Random(0), int, buckets=0)

@@ -37,7 +37,7 @@ from p2plb.backends import STATES, Entry, Flight, LatencyWindow, Superseded
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import Health, HealthChange, HealthPolicy
 from p2plb.snapshot import SNAPSHOT_VERSION, parse_snapshot, snapshot_row
-from p2plb.strategies import Strategy, make_strategy
+from p2plb.strategies import Strategy, make_strategy, pick_outside
 from p2plb.wire import check_address, check_indexer_id, invalid
 
 __all__ = [
@@ -487,28 +487,11 @@ class Registry:
         raise invalid("op", f"must be one of {', '.join(OPS)}; got {op!r}")
 
     def _pick_excluding(self, pool: Strategy, exclude: Collection[str]) -> str | None:
-        """A pick outside ``exclude``, in O(len(exclude)) strategy operations.
+        def put_back(id: str) -> None:
+            entry = self._entries[id]
+            pool.set(id, entry.capacity, entry.load, entry.service)
 
-        Picking again usually lands elsewhere (round robin moves on, the random
-        strategies draw again).  If it keeps landing on excluded indexers, as
-        ``least_load`` does when they are the least loaded, they leave the pool
-        for one pick and come back; a round robin backend that comes back that
-        way restarts its rotation, which costs it at most one turn.
-        """
-        for _ in range(2 * len(exclude) + 2):
-            id = pool.pick()
-            if id is None or id not in exclude:
-                return id
-
-        removed = [id for id in exclude if id in pool]
-        for id in removed:
-            pool.discard(id)
-        try:
-            return pool.pick()
-        finally:
-            for id in removed:
-                entry = self._entries[id]
-                pool.set(id, entry.capacity, entry.load, entry.service)
+        return pick_outside(pool, exclude, put_back)
 
     def _sync(self, entry: Entry) -> None:
         """Bring both pools in line with ``entry`` (if it is still current)."""

@@ -43,6 +43,7 @@ from p2plb.strategies import (
     Strategy,
     WeightedRandom,
     make_strategy,
+    pick_outside,
 )
 from p2plb.wire import check_address
 
@@ -405,22 +406,13 @@ class RoutingTable:
         return id
 
     def _pick_excluding(self, pool: _Pool, exclude: Collection[str]) -> str | None:
-        # Picking again usually lands elsewhere; if the excluded ones keep
-        # winning (least_load), they leave the pool for one pick.
-        for _ in range(2 * len(exclude) + 2):
-            id = pool.strategy.pick()
-            if id is None or id not in exclude:
-                return id
-        removed = [id for id in exclude if id in pool.strategy]
-        for id in removed:
-            pool.strategy.discard(id)
-        try:
-            return pool.strategy.pick()
-        finally:
-            now = self._clock()
-            for id in removed:
-                view = self._views[id]
-                pool.put(id, view.capacity, self._load(view, now), view.service)
+        now = self._clock()
+
+        def put_back(id: str) -> None:
+            view = self._views[id]
+            pool.put(id, view.capacity, self._load(view, now), view.service)
+
+        return pick_outside(pool.strategy, exclude, put_back)
 
     def _least_avoided(self, op: str, exclude: Collection[str]) -> str | None:
         # O(n), but only when every eligible indexer is being avoided.

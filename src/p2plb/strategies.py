@@ -37,8 +37,10 @@ import heapq
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
 from typing import ClassVar
 
+from p2plb.buckets import Bag, LowestIndex
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import RequestError
 
@@ -51,6 +53,7 @@ __all__ = [
     "Strategy",
     "WeightedRandom",
     "make_strategy",
+    "pick_outside",
 ]
 
 
@@ -98,46 +101,6 @@ def _check(id: str, capacity: int, load: float) -> None:
         raise ValueError(f"load of {id!r} must be >= 0, got {load}")
 
 
-class _Bag:
-    """Members in an array plus each one's position in it.
-
-    Removal moves the last member into the hole, so add, remove and a uniform
-    random member are all O(1); the order of the array means nothing.
-    """
-
-    __slots__ = ("_items", "_where")
-
-    def __init__(self) -> None:
-        self._items: list[str] = []
-        self._where: dict[str, int] = {}
-
-    def add(self, id: str) -> None:
-        if id not in self._where:
-            self._where[id] = len(self._items)
-            self._items.append(id)
-
-    def remove(self, id: str) -> None:
-        index = self._where.pop(id, None)
-        if index is None:
-            return
-        last = self._items.pop()
-        if index < len(self._items):
-            self._items[index] = last
-            self._where[last] = index
-
-    def choice(self, rng: random.Random) -> str:
-        return self._items[rng.randrange(len(self._items))]
-
-    def __getitem__(self, index: int) -> str:
-        return self._items[index]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, id: object) -> bool:
-        return id in self._where
-
-
 # least_load and least_latency -----------------------------------------------------
 
 #: Relative loads closer than this are a near-tie, broken at random.
@@ -147,125 +110,47 @@ OVERFLOW_RATIO = 10.0
 _BUCKETS = round(OVERFLOW_RATIO / BUCKET_WIDTH)
 
 
-class _Lowest(Strategy):
-    """The backend with the lowest key; keys in one bucket are a near-tie.
-
-    Keys fall into at most ``_BUCKETS`` buckets, each a ``_Bag``, and an
-    integer bit mask records which buckets are non-empty, so the lowest one is
-    its lowest set bit: a constant amount of work however many backends there
-    are, and a uniform random member of that bucket breaks the tie.  Keys past
-    the last bucket are rare; they wait in a heap ordered by exact key (lazy
-    deletion: a stale heap row is skipped when it reaches the top, and the
-    heap is rebuilt when stale rows outnumber live ones).  A backend taken
-    from the heap is pushed back with a fresh random tie-breaker, so exact
-    ties there rotate too.  Subclasses say what the key is and which bucket
-    holds it.
-    """
-
-    def __init__(self, rng: random.Random) -> None:
-        super().__init__(rng)
-        self._key: dict[str, float] = {}
-        self._bucket: dict[str, int] = {}  # -1: in the overflow heap
-        self._bags: dict[int, _Bag] = {}
-        self._mask = 0
-        self._heap: list[tuple[float, float, int, str]] = []
-        self._heap_gen: dict[str, int] = {}
-        self._gen = 0
-
-    @abstractmethod
-    def _bucket_of(self, key: float) -> int:
-        """The bucket of ``key``, 0 to ``_BUCKETS - 1``; -1 for the heap."""
-
-    def _place(self, id: str, key: float) -> None:
-        if self._key.get(id) == key:
-            return
-        self._remove(id)
-
-        self._key[id] = key
-        index = self._bucket_of(key)
-        self._bucket[id] = index
-        if index >= 0:
-            bag = self._bags.get(index)
-            if bag is None:
-                bag = self._bags[index] = _Bag()
-                self._mask |= 1 << index
-            bag.add(id)
-        else:
-            self._push(id, key)
-
-    def _remove(self, id: str) -> None:
-        index = self._bucket.pop(id, None)
-        if index is None:
-            return
-        del self._key[id]
-        if index >= 0:
-            bag = self._bags[index]
-            bag.remove(id)
-            if not bag:
-                del self._bags[index]
-                self._mask &= ~(1 << index)
-        else:
-            del self._heap_gen[id]
-            if len(self._heap) > 2 * len(self._heap_gen) + 32:
-                self._compact()
-
-    def discard(self, id: str) -> None:
-        self._remove(id)
-
-    def pick(self) -> str | None:
-        if self._mask:
-            lowest = (self._mask & -self._mask).bit_length() - 1
-            return self._bags[lowest].choice(self.rng)
-
-        while self._heap:
-            key, _, gen, id = self._heap[0]
-            if self._heap_gen.get(id) != gen:
-                heapq.heappop(self._heap)
-                continue
-            heapq.heappop(self._heap)
-            self._push(id, key)
-            return id
-        return None
-
-    def _push(self, id: str, key: float) -> None:
-        self._gen += 1
-        self._heap_gen[id] = self._gen
-        heapq.heappush(self._heap, (key, self.rng.random(), self._gen, id))
-
-    def _compact(self) -> None:
-        self._heap = [row for row in self._heap if self._heap_gen.get(row[3]) == row[2]]
-        heapq.heapify(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._key)
-
-    def __contains__(self, id: object) -> bool:
-        return id in self._key
+def _load_bucket(ratio: float) -> int:
+    if ratio >= OVERFLOW_RATIO:
+        return -1
+    return min(int(ratio / BUCKET_WIDTH), _BUCKETS - 1)
 
 
-class LeastLoad(_Lowest):
+class LeastLoad(Strategy):
     """The backend with the lowest ``load / capacity``; near-ties at random.
 
-    Relative loads in [0, 10) fall into buckets 0.01 wide; backends ten times
-    over capacity go to the overflow heap.
+    Relative loads in [0, 10) fall into buckets 0.01 wide of a ``LowestIndex``,
+    so a pick is constant work; backends ten times over capacity wait in its
+    overflow heap.
     """
 
     name = "least_load"
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self._index = LowestIndex(rng, _load_bucket, _BUCKETS)
 
     def set(
         self, id: str, capacity: int, load: float, service: float | None = None
     ) -> None:
         _check(id, capacity, load)
-        self._place(id, load / capacity)
+        self._index.place(id, load / capacity)
 
-    def _bucket_of(self, key: float) -> int:
-        if key >= OVERFLOW_RATIO:
-            return -1
-        return min(int(key / BUCKET_WIDTH), _BUCKETS - 1)
+    def discard(self, id: str) -> None:
+        self._index.remove(id)
+
+    def pick(self) -> str | None:
+        return self._index.lowest()
 
     def ratio(self, id: str) -> float | None:
         """The relative load this strategy holds for ``id``, if it holds it."""
-        return self._key.get(id)
+        return self._index.key(id)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._index
 
 
 #: Expected delays within this fraction of each other are a near-tie.
@@ -277,7 +162,7 @@ _LOG_STEP = math.log1p(LATENCY_TIE)
 _PRIOR_DRIFT = 0.05
 
 
-class LeastLatency(_Lowest):
+class LeastLatency(Strategy):
     """The backend where a new request should finish soonest.
 
     Its expected delay is ``service x (load + 1) / capacity``: the backend's
@@ -305,6 +190,7 @@ class LeastLatency(_Lowest):
 
     def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
+        self._index = LowestIndex(rng, _delay_bucket, _BUCKETS)
         self._service: dict[str, float] = {}  # known service times, seconds
         self._service_sum = 0.0
         self._unknown: dict[str, tuple[int, float]] = {}  # capacity, load
@@ -320,31 +206,28 @@ class LeastLatency(_Lowest):
         self._forget_service(id)
         if service is None:
             self._unknown[id] = (capacity, load)
-            self._place(id, self._delay(self._prior_used, capacity, load))
+            self._index.place(id, self._delay(self._prior_used, capacity, load))
         else:
             self._service[id] = service
             self._service_sum += service
-            self._place(id, self._delay(service, capacity, load))
+            self._index.place(id, self._delay(service, capacity, load))
         self._refresh_prior()
 
     def discard(self, id: str) -> None:
         self._forget_service(id)
-        self._remove(id)
+        self._index.remove(id)
         self._refresh_prior()
+
+    def pick(self) -> str | None:
+        return self._index.lowest()
 
     def delay(self, id: str) -> float | None:
         """The expected delay this strategy holds for ``id``, if it holds it."""
-        return self._key.get(id)
+        return self._index.key(id)
 
     def service_of(self, id: str) -> float:
         """The service time taken for ``id``: its own if known, else the prior."""
         return self._service.get(id, self._prior_used)
-
-    def _bucket_of(self, key: float) -> int:
-        if key <= _DELAY_FLOOR:
-            return 0
-        index = int(math.log(key / _DELAY_FLOOR) / _LOG_STEP)
-        return index if index < _BUCKETS else -1
 
     @staticmethod
     def _delay(service: float, capacity: int, load: float) -> float:
@@ -366,7 +249,20 @@ class LeastLatency(_Lowest):
             return
         self._prior_used = prior
         for id, (capacity, load) in self._unknown.items():
-            self._place(id, self._delay(prior, capacity, load))
+            self._index.place(id, self._delay(prior, capacity, load))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._index
+
+
+def _delay_bucket(delay: float) -> int:
+    if delay <= _DELAY_FLOOR:
+        return 0
+    index = int(math.log(delay / _DELAY_FLOOR) / _LOG_STEP)
+    return index if index < _BUCKETS else -1
 
 
 # round_robin -------------------------------------------------------------------
@@ -596,7 +492,7 @@ class PowerOfTwo(Strategy):
 
     def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
-        self._bag = _Bag()
+        self._bag = Bag()
         self._ratio: dict[str, float] = {}
 
     def set(
@@ -638,6 +534,33 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (LeastLoad, RoundRobin, WeightedRandom, PowerOfTwo, LeastLatency)
 }
 assert tuple(STRATEGIES) == STRATEGY_NAMES, "keep config.STRATEGY_NAMES in step"
+
+
+def pick_outside(
+    strategy: Strategy, exclude: Collection[str], put_back: Callable[[str], None]
+) -> str | None:
+    """A pick outside ``exclude``, in O(len(exclude)) strategy operations.
+
+    Picking again usually lands elsewhere (round robin moves on, the random
+    strategies draw again).  If it keeps landing on excluded backends, as
+    ``least_load`` does when they are the least loaded, they leave the
+    strategy for one pick and ``put_back`` sets each of them again; a round
+    robin backend that comes back that way restarts its rotation, which costs
+    it at most one turn.
+    """
+    for _ in range(2 * len(exclude) + 2):
+        id = strategy.pick()
+        if id is None or id not in exclude:
+            return id
+
+    removed = [id for id in exclude if id in strategy]
+    for id in removed:
+        strategy.discard(id)
+    try:
+        return strategy.pick()
+    finally:
+        for id in removed:
+            put_back(id)
 
 
 def make_strategy(name: str, rng: random.Random) -> Strategy:
