@@ -118,13 +118,14 @@ async def run_suite(options: BenchOptions, console: Console) -> dict[str, Any]:
 async def _proxy_suite(
     options: BenchOptions, workdir: Path, console: Console
 ) -> dict[str, Any]:
-    from p2plb.benchmark import INDEX, Scenario, _Cluster
+    from p2plb.benchcluster import INDEX, BenchCluster
+    from p2plb.benchmark import Scenario
 
     server_pin, client_pin, note = _pins()
     rounds, duration = (1, 3.0) if options.quick else (3, 10.0)
     duration = options.duration or duration
     fast = Scenario("proxy", load=0.0, capacities=(1024,) * 3, service_time=0.0)
-    async with _Cluster(workdir, fast, options, pin=server_pin) as cluster:
+    async with BenchCluster(workdir, fast, options, pin=server_pin) as cluster:
         await cluster.start(["haproxy/leastconn"])
         assert cluster.balancer is not None
         path = f"/v1/indices/{INDEX}"
