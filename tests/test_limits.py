@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import aiohttp
+import msgspec
 
 from p2plb import AsyncClient
 from procs import Proc, Procs, eventually, request
@@ -100,6 +101,56 @@ async def test_slow_and_idle_clients_are_cut_off(procs: Procs) -> None:
     answer = await closed_within(reader, 15)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+
+
+async def test_a_trickled_body_gets_408_and_holds_no_slot(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # One slot and no queue: if the slow sender held the slot, the quick
+    # request below would be answered 503 overloaded.
+    indexer = procs.indexer(
+        "i1", "--capacity", "1", "--queue-limit", "0", "--body-timeout", "1s"
+    )
+    balancer = procs.balancer("balancer", "--body-timeout", "1s")
+
+    for server in (indexer, balancer):
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/indices/slow/items HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+
+        async def send_slowly(writer: asyncio.StreamWriter) -> None:
+            for _ in range(40):
+                writer.write(b" ")
+                await asyncio.sleep(0.1)
+
+        sender = asyncio.create_task(send_slowly(writer))
+        try:
+            if server is indexer:
+                quick = await request(
+                    http,
+                    "POST",
+                    f"{indexer.url}/v1/indices/quick/items",
+                    json={"item": "a"},
+                )
+                assert quick[0] == 200, quick
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            body = await asyncio.wait_for(reader.read(4096), 5)
+        finally:
+            sender.cancel()
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
+        assert msgspec.json.decode(body) == {
+            "error": {
+                "code": "request_timeout",
+                "message": "body: not received within 1 s (--body-timeout)",
+            }
+        }
+
+    status, answer, _ = await request(http, "GET", f"{indexer.url}/v1/indices/slow")
+    assert (status, answer["error"]["code"]) == (404, "index_not_found")
 
 
 async def serving(http: aiohttp.ClientSession, balancer: Proc) -> None:

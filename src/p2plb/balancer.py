@@ -84,6 +84,7 @@ class Balancer:
             retries=config.proxy_retries,
             keepalive=config.proxy_keepalive,
             max_body_size=config.max_body_size,
+            body_timeout=config.body_timeout,
             observe=self._observe_proxy,
             ssl=client_context(config.ca_file),
         )
@@ -305,7 +306,9 @@ class Balancer:
 
     async def register(self, request: web.Request) -> web.Response:
         self._cluster(request)
-        raw = await read_body(request, self.config.max_body_size)
+        raw = await read_body(
+            request, self.config.max_body_size, self.config.body_timeout
+        )
         body = decode_body(raw, RegisterBody).check()
 
         entry, created = self.registry.register(
@@ -346,7 +349,9 @@ class Balancer:
     async def report(self, request: web.Request) -> web.Response:
         indexer_id = check_indexer_id(request.match_info["id"])
         self._cluster(request)
-        raw = await read_body(request, self.config.max_body_size)
+        raw = await read_body(
+            request, self.config.max_body_size, self.config.body_timeout
+        )
         body = decode_body(raw, LoadBody).check()
 
         self.registry.report(
@@ -417,7 +422,9 @@ class Balancer:
 
     async def put_strategy(self, request: web.Request) -> web.Response:
         self._admin(request)
-        raw = await read_body(request, self.config.max_body_size)
+        raw = await read_body(
+            request, self.config.max_body_size, self.config.body_timeout
+        )
         body = decode_body(raw, StrategyBody)
 
         previous = self.registry.strategy

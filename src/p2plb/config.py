@@ -209,6 +209,13 @@ _COMMON = (
         "between requests, or still sending its request line and headers.",
     ),
     Setting(
+        "body_timeout",
+        parse_duration,
+        30.0,
+        "How long a client may take to send a request body once its headers "
+        "arrived; slower gets 408, so a trickled body cannot hold a slot.",
+    ),
+    Setting(
         "cluster_token",
         _parse_text,
         None,
@@ -432,6 +439,7 @@ class _ServerConfig:
     max_body_size: int
     shutdown_timeout: float
     idle_timeout: float
+    body_timeout: float
     cluster_token: str | None
     admin_token: str | None
     insecure: bool

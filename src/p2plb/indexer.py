@@ -145,6 +145,12 @@ class Indexer:
         model = self.service_model
 
         async def limited(request: web.Request) -> web.StreamResponse:
+            if request.body_exists:
+                # Received before a slot is taken: a slow sender must not hold
+                # one.  The handler's own read_body then returns it at once.
+                await read_body(
+                    request, self.config.max_body_size, self.config.body_timeout
+                )
             async with self.limiter.slot():
                 began = time.monotonic()
                 if model is not None:
@@ -216,7 +222,10 @@ class Indexer:
         reject_unknown_query(request, _NO_QUERY)
         name = check_name(request.match_info["name"])
         body = decode_body(
-            await read_body(request, self.config.max_body_size), ItemsBody
+            await read_body(
+                request, self.config.max_body_size, self.config.body_timeout
+            ),
+            ItemsBody,
         )
         items = body.values()
 
@@ -234,7 +243,10 @@ class Indexer:
         reject_unknown_query(request, _NO_QUERY)
         name = check_name(request.match_info["name"])
         body = decode_body(
-            await read_body(request, self.config.max_body_size), ItemsBody
+            await read_body(
+                request, self.config.max_body_size, self.config.body_timeout
+            ),
+            ItemsBody,
         )
         return await self._remove(name, body.values())
 
@@ -303,12 +315,14 @@ class Indexer:
 
     async def push(self, request: web.Request) -> web.Response:
         self.replicator.authorize(request.headers.get("Authorization"))
-        body = await read_body(request, _REPLICATION_BODY)
+        body = await read_body(request, _REPLICATION_BODY, self.config.body_timeout)
         return json_response(await self.replicator.receive_push(body))
 
     async def beat(self, request: web.Request) -> web.Response:
         self.replicator.authorize(request.headers.get("Authorization"))
-        body = await read_body(request, self.config.max_body_size)
+        body = await read_body(
+            request, self.config.max_body_size, self.config.body_timeout
+        )
         return json_response(await self.replicator.beat(body))
 
     async def summary(self, request: web.Request) -> web.Response:

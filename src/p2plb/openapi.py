@@ -167,13 +167,16 @@ _REASONS = {
     403: "Forbidden: a token without the right",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout: the body arrived too slowly",
     409: "Conflict",
     413: "Content Too Large",
     503: "Service Unavailable",
 }
+# Any request with a body may get these: too slow (--body-timeout), too large.
+_BODY_LIMITS = {408: ("request_timeout",), 413: ("body_too_large",)}
 _BODY_ERRORS = {
     400: ("invalid_json", "invalid_field", "unknown_field"),
-    413: ("body_too_large",),
+    **_BODY_LIMITS,
 }
 _CLUSTER: list[dict[str, list[str]]] = [{"clusterToken": []}, {"adminToken": []}]
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
@@ -394,7 +397,8 @@ def _balancer_paths() -> dict[str, Any]:
     report_errors = _merge(
         {400: ("invalid_json", "invalid_field")},
         _TOKEN_ERRORS,
-        {404: ("indexer_not_found",), 409: ("superseded",), 413: ("body_too_large",)},
+        {404: ("indexer_not_found",), 409: ("superseded",)},
+        _BODY_LIMITS,
     )
     members_since = _param(
         "members_since",
@@ -432,7 +436,7 @@ def _balancer_paths() -> dict[str, Any]:
                 _merge(
                     {400: ("invalid_json", "invalid_field")},
                     _TOKEN_ERRORS,
-                    {413: ("body_too_large",)},
+                    _BODY_LIMITS,
                 ),
                 body="RegisterBody",
                 security=_CLUSTER,
@@ -517,7 +521,7 @@ def _balancer_paths() -> dict[str, Any]:
                     {400: ("invalid_json", "invalid_field", "unknown_field")},
                     {400: ("invalid_strategy",)},
                     _TOKEN_ERRORS,
-                    {413: ("body_too_large",)},
+                    _BODY_LIMITS,
                 ),
                 body="StrategyBody",
                 security=_ADMIN,

@@ -80,6 +80,7 @@ class Proxy:
         timeout: float,
         retries: int,
         max_body_size: int,
+        body_timeout: float = 30.0,
         keepalive: float = 30.0,
         observe: Callable[[str, float, bool], None] | None = None,
         ssl: SSLContext | None = None,
@@ -91,6 +92,7 @@ class Proxy:
         self.retries = retries
         self.keepalive = keepalive
         self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
         self.observe = observe
         self.budget = budget or RetryBudget(clock=time.monotonic)
         self.budget_refusals = 0  # retries refused for want of budget
@@ -125,7 +127,7 @@ class Proxy:
         """Send ``request`` to an indexer, failing over up to ``retries`` times
         while the retry budget allows."""
         body = (
-            await read_body(request, self.max_body_size)
+            await read_body(request, self.max_body_size, self.body_timeout)
             if request.can_read_body
             else b""
         )

@@ -10,6 +10,7 @@ leaks internals to a caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -71,22 +72,29 @@ def error_response(
     return json_response(body, status=status, headers=headers)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, time_limit: float) -> bytes:
     """The request body, or ``413 body_too_large`` past ``limit`` bytes.
 
     The declared length is checked first so a large upload is refused before it
     is read; aiohttp's own limit (``client_max_size``) catches bodies that lie.
-
-    Known shortcoming: reading the body has no deadline, so a client that sends
-    it byte by byte keeps the handler (and, at an indexer, a capacity slot)
-    until it finishes or disconnects; ``--idle-timeout`` covers headers only.
-    A deadline here answering ``408`` would fix it.
+    The whole body must arrive within ``time_limit`` seconds, else ``408
+    request_timeout``: ``--idle-timeout`` covers only the request line and the
+    headers, and without a deadline a client trickling its body byte by byte
+    would hold the handler (at an indexer, a capacity slot) for as long as it
+    liked.  aiohttp keeps what it read, so a second call returns at once.
     """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise _too_large(declared, limit)
     try:
-        body = await request.read()
+        async with asyncio.timeout(time_limit):
+            body = await request.read()
+    except TimeoutError:
+        raise RequestError(
+            408,
+            "request_timeout",
+            f"body: not received within {time_limit:g} s (--body-timeout)",
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(None, limit) from None
     except RequestPayloadError as exc:
