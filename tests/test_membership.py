@@ -8,6 +8,7 @@ again at the address the indexers were given.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import sys
@@ -127,3 +128,39 @@ async def test_a_strategy_change_reaches_the_balancers_that_answer(
     assert lines[0].startswith(f"p2plb: error: balancer {dead} is unreachable:")
     status, body, _ = await request(http, "GET", f"{balancer.url}/v1/strategy")
     assert (status, body) == (200, {"strategy": "p2c"})
+
+
+async def test_peers_are_the_union_of_what_every_balancer_lists(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    first, second = procs.balancer("b1"), procs.balancer("b2")
+    joined = ("--balancer", first.url, "--balancer", second.url, *FAST)
+    one = procs.indexer("i1", *joined)
+    two = procs.indexer("i2", *joined)
+
+    async def both_listed() -> bool:
+        names = {"i1", "i2"}
+        return (
+            set(await listed(http, first)) == set(await listed(http, second)) == names
+        )
+
+    await eventually(both_listed, within=10)
+    one.wait_for(r"replication\.peer_added id=i2 ")
+
+    # i2 stops (so it cannot register again) and the second balancer alone
+    # forgets it.  i1 hears both lists many times over: the first still lists
+    # i2, so i2 stays its peer and its stream is not dropped and re-added.
+    two.signal(signal.SIGSTOP)
+    try:
+        status, _, _ = await request(http, "DELETE", f"{second.url}/v1/indexers/i2")
+        assert status == 204
+        assert set(await listed(http, second)) == {"i1"}
+        await asyncio.sleep(2.0)  # absence takes waiting: about 6 reports each
+        assert "replication.peer_removed id=i2" not in one.log()
+
+        # Once no balancer lists it, it is no peer any more.
+        status, _, _ = await request(http, "DELETE", f"{first.url}/v1/indexers/i2")
+        assert status == 204
+        one.wait_for(r"replication\.peer_removed id=i2", timeout=10)
+    finally:
+        two.signal(signal.SIGCONT)

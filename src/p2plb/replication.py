@@ -144,13 +144,8 @@ class Replicator(PeerStreams, AntiEntropy):
     # -- membership ----------------------------------------------------------
 
     def set_members(self, members: list[dict[str, Any]]) -> None:
-        """The registered indexers, as a balancer lists them (self included or not).
-
-        Known shortcoming: the list is the view of whichever balancer answered
-        last; when balancers disagree (one forgot an indexer), the stream to
-        that indexer is dropped and restarts through anti-entropy.  Merging
-        the views of every balancer would fix it.
-        """
+        """The registered indexers, as the balancers list them (self included
+        or not): the union of their lists, see ``reporter``."""
         seen: set[str] = set()
         for member in members:
             member_id = member.get("id")

@@ -14,6 +14,15 @@ others (balancers share nothing, design.md "Processes").  A loop:
 
 On shutdown, ``unregister`` removes the indexer from every balancer, so routed
 clients see it leave before its connections start being refused.
+
+Replication learns its peers from the balancers' member lists.  Balancers share
+nothing, so their lists may differ for a while (one restarted without its state
+file, or an admin removed an indexer from one only): the peers handed on are
+the union of the lists of every balancer that answers, an id taking the entry
+of the list heard most recently.  Taking only the last answer's list instead
+would drop and re-add a peer's replication stream each time the two disagreeing
+balancers answered in turn.  A balancer that stops answering no longer counts;
+when none answers, the last union stands.
 """
 
 from __future__ import annotations
@@ -74,6 +83,8 @@ class Reporter:
         self._registered: set[str] = set()
         self._kicked = asyncio.Event()
         self._peers_version: dict[str, int] = {}
+        self._views = MemberViews()
+        self._published: list[dict[str, Any]] | None = None
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(2.0, min(self.interval, 5.0)))
@@ -151,6 +162,7 @@ class Reporter:
                 reachable = True
                 await self._pause(self.interval * self._rng.uniform(0.9, 1.0))
             except (aiohttp.ClientError, TimeoutError, _Rejected) as exc:
+                self._lost(balancer)
                 if reachable:
                     logger.warning(
                         "reporter.balancer_unreachable balancer=%s error=%s",
@@ -253,6 +265,7 @@ class Reporter:
                 else:
                     turn += 1
             except (aiohttp.ClientError, TimeoutError):
+                self._lost(balancer)
                 turn += 1  # try the next balancer
             await asyncio.sleep(self.membership_interval)
 
@@ -262,11 +275,54 @@ class Reporter:
         peers = answer.get("peers")
         version = answer.get("peers_version")
         if isinstance(peers, list):
-            self.on_peers([p for p in peers if isinstance(p, dict)])
+            self._views.heard(balancer, [p for p in peers if isinstance(p, dict)])
             if isinstance(version, int):
                 self._peers_version[balancer] = version
+            self._publish()
         elif peers is None and version != self._peers_version.get(balancer):
             self._peers_version.pop(balancer, None)  # out of step: ask in full
+
+    def _lost(self, balancer: str) -> None:
+        """``balancer`` failed to answer: its list no longer counts."""
+        self._peers_version.pop(balancer, None)  # ask in full when it is back
+        if self._views.forget(balancer):
+            self._publish()
+
+    def _publish(self) -> None:
+        merged = self._views.merged()
+        if merged is None or merged == self._published or self.on_peers is None:
+            return
+        self._published = merged
+        self.on_peers(merged)
+
+
+class MemberViews:
+    """The member list of each balancer that answers, and their union.
+
+    No I/O and no clock: which list is newer is the order they were heard in.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self._heard = 0
+
+    def heard(self, balancer: str, members: list[dict[str, Any]]) -> None:
+        self._heard += 1
+        self._views[balancer] = (self._heard, members)
+
+    def forget(self, balancer: str) -> bool:
+        """Drop ``balancer``'s list; True when there was one."""
+        return self._views.pop(balancer, None) is not None
+
+    def merged(self) -> list[dict[str, Any]] | None:
+        """Every member any balancer lists, by id; None when no list is held."""
+        if not self._views:
+            return None
+        union: dict[str, dict[str, Any]] = {}
+        for _, members in sorted(self._views.values(), key=lambda v: v[0]):
+            for member in members:
+                union[str(member.get("id"))] = member  # the newer list wins
+        return [union[key] for key in sorted(union)]
 
 
 class _Rejected(Exception):
