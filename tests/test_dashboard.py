@@ -1,14 +1,19 @@
-"""The dashboard: the renderer on payloads made here."""
+"""The dashboard: the renderer on payloads made here, then a real balancer."""
 
 from __future__ import annotations
 
 from html.parser import HTMLParser
 from typing import Any
 
+import aiohttp
 import pytest
 
-from p2plb.dashboard import refresh_seconds, render
+from p2plb.dashboard import HEADERS, refresh_seconds, render
 from p2plb.errors import RequestError
+from p2plb.openapi import document
+from procs import Procs, request
+from test_balancer import all_serving, status_of
+from test_openapi import check_answer
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -245,3 +250,94 @@ def test_refresh_refuses_anything_else(raw: str) -> None:
         "invalid_field",
         f"refresh: must be a whole number of seconds from 1 to 3600, got {raw!r}",
     )
+
+
+# -- a real balancer ----------------------------------------------------------------
+
+
+async def test_the_dashboard_of_a_real_balancer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer()
+    indexer = procs.indexer("i1", "--balancer", balancer.url)
+    await all_serving(http, balancer, 1)
+    stranger = {"id": "i0", "address": "http://127.0.0.1:9", "capacity": 2,
+                "zone": SCRIPT}  # fmt: skip
+    status, _, _ = await request(
+        http, "POST", f"{balancer.url}/v1/indexers", json=stranger
+    )
+    assert status == 201
+
+    async with http.get(f"{balancer.url}/dashboard?refresh=7") as response:
+        html = await response.text()
+        headers = response.headers
+        assert response.status == 200
+
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    for name, value in HEADERS.items():
+        assert headers[name] == value
+    page = Page(html)
+    assert page.refresh == "7"
+    assert page.totals[0] in ("healthy indexers 2 / 2", "healthy indexers 1 / 2")
+    assert [cells[0] for cells in page.rows] == ["id", "i0", "i1"]
+    assert page.rows[1][1:3] == ["http://127.0.0.1:9", SCRIPT]
+    assert page.rows[2][1:3] == [indexer.url, "-"]
+    assert page.rows[2][4:6] == ["serving", "0/64 (0.0%)"]
+    assert "<script" not in html
+
+    async with http.head(f"{balancer.url}/dashboard") as response:
+        assert response.status == 200
+
+
+async def test_root_redirects_to_the_dashboard(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+
+    for query, location in [
+        ("", "/dashboard"),
+        ("?refresh=10", "/dashboard?refresh=10"),
+    ]:
+        async with http.get(f"{url}/{query}", allow_redirects=False) as response:
+            assert (response.status, response.headers["Location"]) == (302, location)
+    async with http.get(f"{url}/") as response:  # followed, as a browser would
+        assert response.status == 200 and response.url.path == "/dashboard"
+
+
+BAD_QUERIES = [
+    ("?refresh=0", "invalid_field",
+     "refresh: must be a whole number of seconds from 1 to 3600, got '0'"),
+    ("?refresh=abc", "invalid_field",
+     "refresh: must be a whole number of seconds from 1 to 3600, got 'abc'"),
+    ("?foo=1", "unknown_field", "foo: unknown query parameter"),
+]  # fmt: skip
+
+
+async def test_bad_queries_get_the_error_of_every_endpoint(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+    doc = document("balancer")
+
+    for path in ("/dashboard", "/"):
+        for query, code, message in BAD_QUERIES:
+            status, body, _ = await request(
+                http, "GET", f"{url}{path}{query}", allow_redirects=False
+            )
+
+            assert (status, body) == (
+                400,
+                {"error": {"code": code, "message": message}},
+            ), path + query
+            check_answer(doc, path, "GET", status, body)
+
+
+async def test_public_as_the_status_is_when_tokens_are_set(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    tokens = ("--cluster-token", "c-secret", "--admin-token", "a-secret")
+    balancer = procs.balancer("balancer", *tokens)
+
+    await status_of(http, balancer)  # no token needed for the JSON ...
+    async with http.get(f"{balancer.url}/dashboard") as response:
+        assert response.status == 200  # ... nor for the page
