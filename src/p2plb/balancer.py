@@ -25,6 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from p2plb.config import BalancerConfig
+from p2plb.dashboard import HEADERS as DASHBOARD_HEADERS
+from p2plb.dashboard import QUERY as DASHBOARD_QUERY
+from p2plb.dashboard import refresh_seconds, render
 from p2plb.errors import ConfigError, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
@@ -250,6 +253,8 @@ class Balancer:
             middlewares=[error_middleware], client_max_size=self.config.max_body_size
         )
         add = app.router
+        add.add_get("/", self.home)
+        add.add_get("/dashboard", self.dashboard)
         add.add_get("/healthz", self.healthz)
         add.add_get("/openapi.json", openapi_handler("balancer"))
         add.add_get("/metrics", self.get_metrics)
@@ -408,6 +413,27 @@ class Balancer:
     async def status(self, request: web.Request) -> web.Response:
         reject_unknown_query(request, _NO_QUERY)
         return json_response(self.status_json())
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        """``GET /v1/status`` as a page for people; public, as the status is."""
+        reject_unknown_query(request, DASHBOARD_QUERY)
+        refresh = refresh_seconds(request.query.get("refresh"))
+        page = render(self.status_json(), refresh=refresh)
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            charset="utf-8",
+            headers=DASHBOARD_HEADERS,
+        )
+
+    async def home(self, request: web.Request) -> web.Response:
+        """``/`` is where a browser lands: the dashboard, with the refresh asked."""
+        reject_unknown_query(request, DASHBOARD_QUERY)
+        location = "/dashboard"
+        if "refresh" in request.query:
+            # Rebuilt from the number, so nothing the caller sent is reflected.
+            location += f"?refresh={refresh_seconds(request.query['refresh'])}"
+        raise web.HTTPFound(location)
 
     def status_json(self) -> dict[str, Any]:
         status = self.registry.status()

@@ -7,8 +7,9 @@ Rules of this module:
   the servers decode.  The checks that ``p2plb.wire`` makes in code (lengths,
   patterns, ranges) are added to those schemas here, from the same constants.
 * Answers are described by the answer Structs at the end of ``p2plb.wire``.
-  They exist for the document only: the handlers build their answers as
-  dicts, and the API tests compare real answers with these schemas.
+  They exist for the document (and for the dashboard's typed reading of the
+  status): the handlers build their answers as dicts, and the API tests
+  compare real answers with these schemas.
 * Each operation lists every status it can answer and, for each error status,
   the exact error codes of design.md it can carry, as an ``enum`` on
   ``error.code``.
@@ -26,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from p2plb.config import STRATEGY_NAMES
+from p2plb.dashboard import DEFAULT_REFRESH, MAX_REFRESH
 from p2plb.wire import (
     MAX_BATCH_ITEMS,
     MAX_CAPACITY,
@@ -162,6 +164,7 @@ _REASONS = {
     200: "OK",
     201: "Created: a new indexer",
     204: "No Content",
+    302: "Found",
     400: "Bad Request",
     401: "Unauthorized: no token",
     403: "Forbidden: a token without the right",
@@ -413,6 +416,7 @@ def _balancer_paths() -> dict[str, Any]:
         ),
     )
     return {
+        **_dashboard_paths(),
         "/healthz": {"get": _op("health", "Alive.", "health", {200: "BalancerHealth"})},
         "/metrics": {
             "get": {
@@ -529,6 +533,43 @@ def _balancer_paths() -> dict[str, Any]:
         },
         **_index_api(proxied=True),
     }
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """The page for people, and ``/``, which sends a browser there."""
+    refresh = _param(
+        "refresh",
+        "query",
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_REFRESH,
+            "default": DEFAULT_REFRESH,
+        },
+        "Seconds between reloads of the page.",
+    )
+    errors: dict[int, tuple[str, ...]] = {400: ("invalid_field", "unknown_field")}
+    page = _op(
+        "dashboard",
+        "GET /v1/status as an HTML page that reloads itself.",
+        "balancer",
+        {200: None},
+        errors,
+        params=(refresh,),
+    )
+    page["responses"]["200"]["content"] = {"text/html": {"schema": {"type": "string"}}}
+    home = _op(
+        "home",
+        "Redirects a browser to /dashboard.",
+        "balancer",
+        {302: None},
+        errors,
+        params=(refresh,),
+    )
+    home["responses"]["302"]["headers"] = {
+        "Location": {"schema": {"type": "string", "pattern": "^/dashboard"}}
+    }
+    return {"/": {"get": home}, "/dashboard": {"get": page}}
 
 
 @functools.cache

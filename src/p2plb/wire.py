@@ -307,7 +307,8 @@ class StrategyBody(msgspec.Struct, forbid_unknown_fields=True):
 # -- answers: described for the OpenAPI document (p2plb.openapi) -----------------
 #
 # The handlers build their answers as dicts; these Structs say what those hold,
-# and the API tests compare real answers with the schemas made from them.
+# and the API tests compare real answers with the schemas made from them.  The
+# dashboard reads the status payload through ``Status``, typed.
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Version = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
