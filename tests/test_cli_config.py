@@ -55,6 +55,31 @@ def test_a_bad_value_in_the_config_file_names_the_key(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("command", [["indexer", "--id", "a"], ["balancer"]])
+def test_a_key_in_the_wrong_table_is_refused_by_both(
+    tmp_path: Path, command: list[str]
+) -> None:
+    path = tmp_path / "p2plb.toml"
+    path.write_text("[indexer]\ncapacity = 8\n[balancer]\ncapacity = 0\n")
+    result = CliRunner().invoke(
+        cli, [*command, "--config", str(path), "--print-config"]
+    )
+    assert (result.exit_code, result.output) == (
+        2,
+        f"p2plb: error: --config: unknown setting 'capacity' in [balancer] of {path}\n",
+    )
+
+
+def test_a_config_path_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["balancer", "--config", str(tmp_path), "--print-config"]
+    )
+    assert (result.exit_code, result.output) == (
+        2,
+        f"p2plb: error: --config: cannot read {tmp_path}: Is a directory\n",
+    )
+
+
 @pytest.mark.parametrize("value", ["1", "true", "on", "yes"])
 def test_a_switch_can_be_set_by_its_variable(value: str) -> None:
     result = CliRunner().invoke(

@@ -119,7 +119,7 @@ def _server_options(settings: Sequence[Setting]) -> Callable[[F], F]:
         return click.option(
             "--config",
             "config_file",
-            type=click.Path(dir_okay=False),
+            metavar="PATH",
             envvar="P2PLB_CONFIG",
             show_envvar=True,
             help="TOML file with settings (keys named like the flags).",

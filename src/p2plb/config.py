@@ -510,10 +510,22 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
                 f"--config: unknown table [{key}] in {path}; "
                 "use [indexer] or [balancer]"
             )
-    table = document.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"--config: [{section}] in {path} must be a table")
-    for key, value in table.items():
+    # Both tables are checked whichever server reads the file: a key in the
+    # wrong table would otherwise be ignored without a word by both.
+    for name, settings in (
+        ("indexer", INDEXER_SETTINGS),
+        ("balancer", BALANCER_SETTINGS),
+    ):
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--config: [{name}] in {path} must be a table")
+        known = {s.name for s in settings}
+        for key in table:
+            if key.replace("-", "_") not in known:
+                raise ConfigError(
+                    f"--config: unknown setting {key!r} in [{name}] of {path}"
+                )
+    for key, value in document.get(section, {}).items():
         values[key.replace("-", "_")] = value
     return values
 
