@@ -352,6 +352,13 @@ async def test_health_and_load(procs: Procs, http: aiohttp.ClientSession) -> Non
     status, body, _ = await call(http, "GET", f"{url}/v1/load")
     assert (body["served"], body["service_ms"]) == (1, pytest.approx(served_ms))
 
+    # A request rejected while it held a slot was served too, but its quick
+    # answer says nothing of real work: the service time stays.
+    status, body, _ = await call(http, "GET", f"{url}/v1/indices/a%00b")
+    assert (status, body["error"]["code"]) == (400, "invalid_field")
+    status, body, _ = await call(http, "GET", f"{url}/v1/load")
+    assert (body["served"], body["service_ms"]) == (2, pytest.approx(served_ms))
+
 
 async def test_overload_answers_503_while_health_answers(procs: Procs) -> None:
     """Capacity 1, queue 1: of many slow concurrent writes some get 503."""

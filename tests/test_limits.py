@@ -196,3 +196,24 @@ async def test_page_size_caps_and_pages_after_the_longest_item(
             balancers=[balancer.url], mode=mode, page_size=1
         ) as client:
             assert await client.get_index(name) == sorted(items), mode
+
+
+async def test_a_client_hanging_up_mid_body_is_no_server_error(procs: Procs) -> None:
+    indexer = procs.indexer("i1")
+    host, port = indexer.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/indices/cut/items HTTP/1.1\r\nHost: x\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"item"'
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.3)  # absence takes waiting: let the server see the EOF
+
+    # The next request is served, and nothing was logged as a failure.
+    async with aiohttp.ClientSession() as http:
+        status, _, _ = await request(http, "GET", f"{indexer.url}/v1/indices")
+    assert status == 200
+    assert "request.failed" not in indexer.log()
+    assert "Traceback" not in indexer.log()

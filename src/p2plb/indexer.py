@@ -155,10 +155,17 @@ class Indexer:
                 began = time.monotonic()
                 if model is not None:
                     await model.serve()  # benchmarks only: see workload.py
-                response: web.StreamResponse = await handler(request)
+                try:
+                    response: web.StreamResponse = await handler(request)
+                finally:
+                    # Every request that held a slot was served, whatever it
+                    # was answered: a rejected name or a 503
+                    # insufficient_replicas is work done too.
+                    self.served += 1
+                # Only whole answers feed the service time: a quick rejection
+                # says nothing of how long real work takes here.
                 now = time.monotonic()
                 self.service.add(now - began, now)
-            self.served += 1
             return response
 
         return limited

@@ -97,6 +97,13 @@ async def read_body(request: web.Request, limit: int, time_limit: float) -> byte
         ) from None
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(None, limit) from None
+    except ConnectionResetError:
+        # The caller hung up mid-body: its mistake or its crash, not ours, and
+        # nobody is left to read the answer.
+        logger.debug("request.body_cut path=%s", request.path)
+        raise RequestError(
+            400, "invalid_json", "body: the connection closed before it was whole"
+        ) from None
     except RequestPayloadError as exc:
         # A body that cannot be decoded, e.g. "Content-Encoding: gzip" on bytes
         # that are not gzip: the caller's mistake, not a server failure.
