@@ -161,6 +161,12 @@ BAD_CALLS: list[tuple[str, tuple[Any, ...], str]] = [
         ("s", "x" * 4097),
         "item: must be at most 4096 bytes of UTF-8, got 4097",
     ),
+    ("get_index", (123,), "index: must be a str, got int"),
+    ("add_to_index", (None, "x"), "index: must be a str, got NoneType"),
+    ("add_to_index", ("s", 5), "item: must be a str or a list of str, got int"),
+    ("add_to_index", ("s", None), "item: must be a str or a list of str, got NoneType"),
+    ("add_to_index", ("s", b"x"), "item: must be a str, got bytes; decode it first"),
+    ("remove_from_index", ("s", [b"x"]), "items: must be strings, got bytes"),
 ]
 
 

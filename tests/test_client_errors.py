@@ -220,6 +220,17 @@ async def test_a_refused_connection_is_unreachable() -> None:
     assert isinstance(caught.value.__cause__, Exception)
 
 
+async def test_an_unknown_host_says_it_cannot_be_resolved() -> None:
+    url = "http://no-such-host.invalid:7401"
+    async with AsyncClient(indexers=[url], retries=0) as client:
+        with pytest.raises(Unreachable) as caught:
+            await client.list_indices()
+
+    assert str(caught.value).startswith(
+        f"indexer {url}: cannot resolve host 'no-such-host.invalid' ("
+    ), caught.value
+
+
 # -- read your writes: the version goes out on every path --------------------------
 
 

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import quote
@@ -186,7 +186,7 @@ class AsyncClient(AsyncAliases):
 
     async def get_index(self, index: str) -> list[str] | None:
         """Every item of ``index``, sorted, following pages to the end; or None."""
-        path = f"/v1/indices/{_quote(check_name(index, field='index'))}"
+        path = _index_path(index)
         items: list[str] = []
         after: str | None = None
         while True:
@@ -447,12 +447,27 @@ def _addresses(value: str | Sequence[str] | None, field: str) -> list[str]:
     return [check_address(v, field=field) for v in values]
 
 
+def _index_path(index: object) -> str:
+    # Type checks first: callers without type checking pass anything, and a
+    # TypeError from deep inside would not be a p2plb error.
+    if not isinstance(index, str):
+        raise invalid("index", f"must be a str, got {type(index).__name__}")
+    return f"/v1/indices/{_quote(check_name(index, field='index'))}"
+
+
 def _items_request(
     index: str, item_or_items: str | Sequence[str], suffix: str
 ) -> tuple[str, bytes]:
-    path = f"/v1/indices/{_quote(check_name(index, field='index'))}{suffix}"
+    path = _index_path(index) + suffix
     if isinstance(item_or_items, str):
         return path, encode({"item": check_item(item_or_items)})
+    if isinstance(item_or_items, bytes | bytearray):
+        raise invalid("item", "must be a str, got bytes; decode it first")
+    if not isinstance(item_or_items, Iterable):
+        raise invalid(
+            "item",
+            f"must be a str or a list of str, got {type(item_or_items).__name__}",
+        )
     items = list(item_or_items)
     for item in items:
         if not isinstance(item, str):

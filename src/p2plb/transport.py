@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import ssl
 from typing import Any
 
@@ -174,6 +175,9 @@ def describe(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS failed ({exc})"
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, socket.gaierror):
+            # Its errno is a resolver code (-2), which os.strerror cannot name.
+            return f"cannot resolve host {exc.host!r} ({exc.os_error.strerror})"
         if exc.os_error.errno is not None:
             return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"
         return f"cannot connect ({exc.os_error})"
