@@ -136,6 +136,16 @@ REGISTRATION_ERRORS: list[tuple[dict[str, Any], str, str]] = [
         "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'a b'",
     ),
     (
+        {"id": "nl\n", "address": "http://x:1", "capacity": 1},
+        "invalid_field",
+        "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'nl\\n'",
+    ),
+    (
+        {"id": "..", "address": "http://x:1", "capacity": 1},
+        "invalid_field",
+        "id: must not be '..', which a URL path drops as a dot segment",
+    ),
+    (
         {"id": 7, "address": "http://x:1", "capacity": 1},
         "invalid_field",
         "id: expected `str`, got `int`",

@@ -147,7 +147,9 @@ def test_address_must_be_a_string() -> None:
     assert error.message == "address: must be a string like http://host:port, got 80"
 
 
-@pytest.mark.parametrize("value", ["", "a" * 129, "a b", "a/b", "é", 5, None])
+@pytest.mark.parametrize(
+    "value", ["", "a" * 129, "a b", "a/b", "é", "nl\n", "\nnl", 5, None]
+)
 def test_bad_indexer_ids(value: object) -> None:
     error = rejected(check_indexer_id, value)
     assert error.message == (
@@ -155,6 +157,16 @@ def test_bad_indexer_ids(value: object) -> None:
     )
 
 
+@pytest.mark.parametrize("value", [".", ".."])
+def test_dot_segments_are_not_indexer_ids(value: str) -> None:
+    error = rejected(check_indexer_id, value)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"id: must not be {value!r}, which a URL path drops as a dot segment",
+    )
+
+
 def test_good_indexer_ids() -> None:
-    for value in ("i1", "a" * 128, "node-1.zone_a:7401"):
+    for value in ("i1", "a" * 128, "node-1.zone_a:7401", "...", ".a", "a."):
         assert check_indexer_id(value) == value

@@ -76,7 +76,8 @@ _ITEM: dict[str, Any] = {
 _ID: dict[str, Any] = {
     "type": "string",
     "pattern": "^[A-Za-z0-9._:-]{1,128}$",
-    "description": "1 to 128 of letters, digits, '.', '_', ':', '-'.",
+    "not": {"enum": [".", ".."]},
+    "description": "1 to 128 of letters, digits, '.', '_', ':', '-'; not . or ..",
 }
 _ADDRESS: dict[str, Any] = {
     "type": "string",

@@ -45,7 +45,7 @@ MAX_ITEM_BYTES = 4096
 # (and the transaction it becomes) small enough to not stall other writers.
 MAX_BATCH_ITEMS = 10_000
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 T = TypeVar("T")
 
@@ -179,10 +179,15 @@ def check_items(items: list[str]) -> list[str]:
 
 def check_indexer_id(value: Any, *, field: str = "id") -> str:
     """An indexer id: 1 to 128 of letters, digits, ``.``, ``_``, ``:``, ``-``."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise invalid(
             field,
             f"must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got {value!r}",
+        )
+    # Tighter than design.md: URLs drop "." and ".." segments (RFC 3986 5.2.4).
+    if value in (".", ".."):
+        raise invalid(
+            field, f"must not be {value!r}, which a URL path drops as a dot segment"
         )
     return value
 
