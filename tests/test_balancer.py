@@ -131,6 +131,28 @@ REGISTRATION_ERRORS: list[tuple[dict[str, Any], str, str]] = [
         "(Port out of range 0-65535)",
     ),
     (
+        {"id": "i", "address": "http://127.0.0.1\x00:80", "capacity": 1},
+        "invalid_field",
+        "address: must be http://host:port or https://host:port, "
+        "got 'http://127.0.0.1\\x00:80': no spaces or control characters",
+    ),
+    (
+        {"id": "i", "address": "http://exa mple:80", "capacity": 1},
+        "invalid_field",
+        "address: must be http://host:port or https://host:port, "
+        "got 'http://exa mple:80': no spaces or control characters",
+    ),
+    (
+        {"id": "i", "address": "http://x:1", "capacity": 1, "zone": "\x1b[2J"},
+        "invalid_field",
+        "zone: must not contain control characters (found '\\x1b')",
+    ),
+    (
+        {"id": "i", "address": "http://x:1", "capacity": 1, "zone": "a\nb"},
+        "invalid_field",
+        "zone: must not contain control characters (found '\\n')",
+    ),
+    (
         {"id": "a b", "address": "http://x:1", "capacity": 1},
         "invalid_field",
         "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'a b'",

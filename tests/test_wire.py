@@ -5,11 +5,13 @@ import pytest
 from p2plb.errors import RequestError
 from p2plb.wire import (
     ItemsBody,
+    RegisterBody,
     check_address,
     check_indexer_id,
     check_item,
     check_name,
     decode_body,
+    encode,
 )
 
 
@@ -142,6 +144,59 @@ def test_bad_addresses(address: str) -> None:
     )
 
 
+_EXPECTED = "address: must be http://host:port or https://host:port, got "
+_NOT_A_HOST = (
+    ": the host must be a DNS name, an IPv4 address or an IPv6 address in brackets"
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("http://127.0.0.1\x00:80", ": no spaces or control characters"),
+        ("http://exa mple:80", ": no spaces or control characters"),
+        # urlsplit would drop these silently and accept what is left.
+        ("http://exa\nmple:80", ": no spaces or control characters"),
+        ("http://x:80\t", ": no spaces or control characters"),
+        (" http://x:80", ": no spaces or control characters"),
+        ("http://x\x1b:80", ": no spaces or control characters"),
+        ("http://a\u00a0b:80", ": no spaces or control characters"),
+        ("http://bücher.example:80", _NOT_A_HOST),
+        ("http://a\u200bb:80", _NOT_A_HOST),
+        ("http://ex%41mple:80", _NOT_A_HOST),
+        ("http://a!b:80", _NOT_A_HOST),
+        ("http://-x:80", _NOT_A_HOST),
+        ("http://x-:80", _NOT_A_HOST),
+        ("http://a..b:80", _NOT_A_HOST),
+        ("http://" + "a" * 64 + ".example:80", _NOT_A_HOST),
+        ("http://" + "a." * 127 + "ab:80", _NOT_A_HOST),
+        ("http://999.1.1.1:80", _NOT_A_HOST),
+        ("http://1.2.3:80", _NOT_A_HOST),
+        ("http://0x7f.1:80", _NOT_A_HOST),
+        ("http://8080:80", _NOT_A_HOST),
+    ],
+)
+def test_an_address_host_is_a_name_or_an_ip_address(address: str, reason: str) -> None:
+    error = rejected(check_address, address)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"{_EXPECTED}{address!r}{reason}",
+    )
+
+
+def test_hosts_that_are_names_or_ip_addresses() -> None:
+    for given in (
+        "http://my_service:80",
+        "http://a-b.c1.example.:80",
+        "http://1e3:80",
+        "http://10.0.0.1:80",
+        "http://[::ffff:10.0.0.1]:80",
+        "http://" + "a" * 63 + ".example:80",
+    ):
+        assert check_address(given) == given
+
+
 def test_address_must_be_a_string() -> None:
     error = rejected(check_address, 80)
     assert error.message == "address: must be a string like http://host:port, got 80"
@@ -170,3 +225,24 @@ def test_dot_segments_are_not_indexer_ids(value: str) -> None:
 def test_good_indexer_ids() -> None:
     for value in ("i1", "a" * 128, "node-1.zone_a:7401", "...", ".a", "a."):
         assert check_indexer_id(value) == value
+
+
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("\x1b[31mred", "zone: must not contain control characters (found '\\x1b')"),
+        ("eu\nwest", "zone: must not contain control characters (found '\\n')"),
+        ("", "zone: must be 1 to 64 characters"),
+    ],
+)
+def test_zones_hold_no_control_characters(zone: str, message: str) -> None:
+    body = {"id": "i1", "address": "http://x:1", "capacity": 1, "zone": zone}
+
+    error = rejected(decode_body(encode(body), RegisterBody).check)
+
+    assert (error.status, error.code, error.message) == (400, "invalid_field", message)
+
+
+def test_a_zone_may_be_any_printable_text() -> None:
+    body = {"id": "i1", "address": "http://x:1", "capacity": 1, "zone": "eu-west 1 ☁"}
+    assert decode_body(encode(body), RegisterBody).check().zone == "eu-west 1 ☁"

@@ -59,6 +59,7 @@ __all__ = ["document", "openapi_handler"]
 
 _REF = "#/components/schemas/{name}"
 _STATES = ["serving", "syncing"]
+_NO_CONTROL = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
 _NAME: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
@@ -82,7 +83,10 @@ _ID: dict[str, Any] = {
 _ADDRESS: dict[str, Any] = {
     "type": "string",
     "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
-    "description": "http://host:port or https://host:port, IPv6 in brackets.",
+    "description": (
+        "http://host:port or https://host:port; the host a DNS name, an IPv4 "
+        "address or an IPv6 address in brackets."
+    ),
 }
 _COUNT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
 _CAPACITY: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY}
@@ -122,7 +126,15 @@ _CHECKS: dict[tuple[str, str], dict[str, Any]] = {
     ("RegisterBody", "address"): _ADDRESS,
     ("RegisterBody", "capacity"): _CAPACITY,
     ("RegisterBody", "zone"): {
-        "anyOf": [{"type": "string", "minLength": 1, "maxLength": 64}, {"type": "null"}]
+        "anyOf": [
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "pattern": _NO_CONTROL,
+            },
+            {"type": "null"},
+        ]
     },
     ("RegisterBody", "instance"): {
         "anyOf": [

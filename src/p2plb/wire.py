@@ -13,6 +13,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from typing import Annotated, Any, TypeVar
@@ -142,12 +143,16 @@ def check_name(name: str, *, field: str = "name") -> str:
     _check_utf8(name, field)
     if "/" in name:
         raise invalid(field, "must not contain '/'")
-    for char in name:
+    _check_no_control(name, field)
+    return name
+
+
+def _check_no_control(value: str, field: str) -> None:
+    for char in value:
         if unicodedata.category(char) == "Cc":
             raise invalid(
                 field, f"must not contain control characters (found {char!r})"
             )
-    return name
 
 
 def check_item(item: str, *, field: str = "item") -> str:
@@ -201,6 +206,10 @@ def check_address(value: Any, *, field: str = "address") -> str:
     if not isinstance(value, str):
         raise invalid(field, f"must be a string like http://host:port, got {value!r}")
     expected = f"must be http://host:port or https://host:port, got {value!r}"
+    # Checked before urlsplit, which silently drops tabs and newlines anywhere
+    # and control characters and spaces in front.
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in value):
+        raise invalid(field, f"{expected}: no spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -217,9 +226,42 @@ def check_address(value: Any, *, field: str = "address") -> str:
     if not 1 <= port <= 65535:
         raise invalid(field, f"{expected}: port must be 1-65535")
     host = parts.hostname.lower()
+    if not _is_host(host):
+        raise invalid(
+            field,
+            f"{expected}: the host must be a DNS name, an IPv4 address or an IPv6 "
+            "address in brackets",
+        )
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme.lower()}://{host}:{port}"
+
+
+# A DNS label: letters, digits and '-' (RFC 1123), and '_', which container and
+# service-discovery names use; never a '-' at either end.
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    """``host`` as urlsplit gives it (lower case, brackets removed)."""
+    if ":" in host:  # only a bracketed host can hold one; urlsplit checked it
+        return _is_ip(host, ipaddress.IPv6Address)
+    labels = host.removesuffix(".").split(".")
+    if labels[-1].isdigit():
+        # No top-level domain is numeric (RFC 3696, section 2): an IPv4 address, or
+        # nothing ("999.1.1.1", "80", "0x7f.1").
+        return _is_ip(host, ipaddress.IPv4Address)
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(
+    host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]
+) -> bool:
+    try:
+        kind(host)
+    except ValueError:
+        return False
+    return True
 
 
 # -- messages between p2plb nodes: unknown fields ignored, "protocol" carried ------
@@ -239,8 +281,10 @@ class RegisterBody(msgspec.Struct):
         check_indexer_id(self.id)
         self.address = check_address(self.address)
         check_capacity(self.capacity)
-        if self.zone is not None and not 1 <= len(self.zone) <= 64:
-            raise invalid("zone", "must be 1 to 64 characters")
+        if self.zone is not None:
+            if not 1 <= len(self.zone) <= 64:
+                raise invalid("zone", "must be 1 to 64 characters")
+            _check_no_control(self.zone, "zone")  # shown in tables and logs
         if self.instance is not None and not 1 <= len(self.instance) <= 128:
             raise invalid("instance", "must be 1 to 128 characters")
         return self
