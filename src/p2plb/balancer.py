@@ -334,8 +334,10 @@ class Balancer:
         return json_response(answer, status=201 if created else 200)
 
     async def unregister(self, request: web.Request) -> web.Response:
-        indexer_id = check_indexer_id(request.match_info["id"])
+        # The token before the id, here and in report: a caller without one
+        # learns nothing, not even which ids are well formed.
         role = self._cluster(request)
+        indexer_id = check_indexer_id(request.match_info["id"])
         if role == "cluster" and self.config.cluster_token:
             # With the cluster token an indexer may remove itself only: it
             # proves which one it is by the instance it registered with.
@@ -352,8 +354,8 @@ class Balancer:
         return web.Response(status=204)
 
     async def report(self, request: web.Request) -> web.Response:
-        indexer_id = check_indexer_id(request.match_info["id"])
         self._cluster(request)
+        indexer_id = check_indexer_id(request.match_info["id"])
         raw = await read_body(
             request, self.config.max_body_size, self.config.body_timeout
         )
