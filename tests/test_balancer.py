@@ -274,6 +274,26 @@ async def test_register_unregister_report_and_superseded(
     assert (status, body["error"]["code"]) == (404, "indexer_not_found")
 
 
+async def test_members_since_is_a_whole_number(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+    for raw, shown in [("-1", "-1"), ("%D9%A3", "\u0663"), ("%201", " 1")]:
+        status, body, _ = await request(
+            http, "GET", f"{url}/v1/indexers?members_since={raw}"
+        )
+        message = (
+            f"members_since: must be a whole number from 0 to {2**63 - 1}, "
+            f"got {shown!r}"
+        )
+        assert (status, body) == (
+            400,
+            {"error": {"code": "invalid_field", "message": message}},
+        )
+    status, body, _ = await request(http, "GET", f"{url}/v1/indexers?members_since=0")
+    assert (status, body) == (200, {"indexers": None, "members_version": 0})
+
+
 async def test_kill_9_leaves_rotation_within_the_probe_window(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

@@ -10,6 +10,7 @@ from p2plb.wire import (
     check_indexer_id,
     check_item,
     check_name,
+    check_whole_number,
     decode_body,
     encode,
 )
@@ -246,3 +247,29 @@ def test_zones_hold_no_control_characters(zone: str, message: str) -> None:
 def test_a_zone_may_be_any_printable_text() -> None:
     body = {"id": "i1", "address": "http://x:1", "capacity": 1, "zone": "eu-west 1 ☁"}
     assert decode_body(encode(body), RegisterBody).check().zone == "eu-west 1 ☁"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", " 5", "5 ", "+5", "-1", "1_0", "1.5", "1e3", "0x10", "\u0663", "\u00b2",
+     "\uff15", "0", "10001", "9" * 5000],
+)  # fmt: skip
+def test_whole_numbers_are_ascii_digits_in_range(raw: str) -> None:
+    error = rejected(check_whole_number, raw, "limit", 1, 10_000)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"limit: must be a whole number from 1 to 10000, got {raw!r}",
+    )
+
+
+def test_whole_numbers() -> None:
+    assert check_whole_number("1", "limit", 1, 10_000) == 1
+    assert check_whole_number("10000", "limit", 1, 10_000) == 10_000
+    assert check_whole_number("0" * 5000 + "7", "limit", 1, 10_000) == 7
+    assert check_whole_number("0", "members_since", 0, 2**63 - 1) == 0
+    error = rejected(check_whole_number, "0", "refresh", 1, 60, unit="seconds")
+    assert (
+        error.message
+        == "refresh: must be a whole number of seconds from 1 to 60, got '0'"
+    )

@@ -46,11 +46,13 @@ from p2plb.web import (
     reject_unknown_query,
 )
 from p2plb.wire import (
+    MAX_COUNT,
     LoadBody,
     RegisterBody,
     StrategyBody,
     check_indexer_id,
     check_name,
+    check_whole_number,
     decode_body,
 )
 
@@ -388,7 +390,9 @@ class Balancer:
         reject_unknown_query(request, _LIST_QUERY)
         version = self.registry.members_version
         since = request.query.get("members_since")
-        if since is not None and since == str(version):
+        if since is not None and version == check_whole_number(
+            since, "members_since", 0, MAX_COUNT
+        ):
             return json_response({"indexers": None, "members_version": version})
         entries = [self._entry_json(e) for e in self.registry.entries()]
         return json_response({"indexers": entries, "members_version": version})

@@ -44,7 +44,14 @@ from p2plb.web import (
     read_body,
     reject_unknown_query,
 )
-from p2plb.wire import PROTOCOL, ItemsBody, check_item, check_name, decode_body
+from p2plb.wire import (
+    PROTOCOL,
+    ItemsBody,
+    check_item,
+    check_name,
+    check_whole_number,
+    decode_body,
+)
 from p2plb.workload import ServiceModel
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Indexer", "LOAD_HEADER"]
@@ -337,12 +344,10 @@ class Indexer:
     async def bucket(self, request: web.Request) -> web.Response:
         self.replicator.authorize(request.headers.get("Authorization"))
         index = check_name(request.query.get("index", ""), field="index")
-        raw = request.query.get("bucket", "")
-        if not raw.isdigit() or int(raw) >= BUCKETS:
-            raise RequestError(
-                400, "invalid_field", f"bucket: must be 0 to {BUCKETS - 1}, got {raw!r}"
-            )
-        return json_response(await self.replicator.bucket(index, int(raw)))
+        bucket = check_whole_number(
+            request.query.get("bucket", ""), "bucket", 0, BUCKETS - 1
+        )
+        return json_response(await self.replicator.bucket(index, bucket))
 
 
 _LIST_KEY = "list of indices"  # never a raw path: those start with "/"
@@ -355,17 +360,7 @@ def _cached_response(status: int, body: bytes) -> web.Response:
 def _page_limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_PAGE
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_PAGE or not raw.strip().isdigit():
-        raise RequestError(
-            400,
-            "invalid_field",
-            f"limit: must be a whole number from 1 to {MAX_PAGE}, got {raw!r}",
-        )
-    return limit
+    return check_whole_number(raw, "limit", 1, MAX_PAGE)
 
 
 def advertise_url(config: IndexerConfig, bound_url: str, wildcard: bool) -> str:

@@ -419,7 +419,7 @@ def _balancer_paths() -> dict[str, Any]:
     members_since = _param(
         "members_since",
         "query",
-        {"type": "integer", "minimum": 0},
+        _COUNT,
         "A members_version held: the answer is null while it is current.",
     )
     route_params = (
@@ -463,7 +463,7 @@ def _balancer_paths() -> dict[str, Any]:
                 "Every registered indexer.",
                 tag,
                 {200: "IndexerList"},
-                {400: ("unknown_field",)},
+                {400: ("invalid_field", "unknown_field")},
                 params=(members_since,),
             ),
         },

@@ -34,6 +34,7 @@ __all__ = [
     "check_item",
     "check_items",
     "check_name",
+    "check_whole_number",
     "decode_body",
     "encode",
     "invalid",
@@ -180,6 +181,26 @@ def check_items(items: list[str]) -> list[str]:
     for item in items:
         check_item(item, field="items")
     return items
+
+
+def check_whole_number(
+    raw: str, field: str, low: int, high: int, *, unit: str = ""
+) -> int:
+    """A whole number given as text (a query parameter): ASCII digits only.
+
+    ``int()`` alone would also take " 5", "+5", "1_0" and "\u0663" (an Arabic
+    three), and a 5000-digit string would make it raise.
+    """
+    digits = raw.lstrip("0") or "0"
+    if _DIGITS.fullmatch(raw) and len(digits) <= len(str(high)):
+        number = int(digits)
+        if low <= number <= high:
+            return number
+    what = f"a whole number of {unit}" if unit else "a whole number"
+    raise invalid(field, f"must be {what} from {low} to {high}, got {raw!r}")
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def check_indexer_id(value: Any, *, field: str = "id") -> str:
