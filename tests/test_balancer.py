@@ -294,6 +294,48 @@ async def test_members_since_is_a_whole_number(
     assert (status, body) == (200, {"indexers": None, "members_version": 0})
 
 
+QUERY_ERRORS: list[tuple[str, str, str, str]] = [
+    ("GET", "/v1/route?op=read&op=write", "invalid_field", "op: given more than once"),
+    ("GET", "/v1/route?index=a&index=b", "invalid_field",
+     "index: given more than once"),
+    ("GET", "/v1/indexers?members_since=0&members_since=0", "invalid_field",
+     "members_since: given more than once"),
+    ("GET", "/dashboard?refresh=5&refresh=9", "invalid_field",
+     "refresh: given more than once"),
+    ("GET", "/v1/strategy?x=1", "unknown_field", "x: unknown query parameter"),
+    ("PUT", "/v1/strategy?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/healthz?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/openapi.json?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/v1/status?x=1&x=2", "unknown_field", "x: unknown query parameter"),
+]  # fmt: skip
+
+
+async def test_query_parameters_are_known_and_given_once(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+
+    for method, path, code, message in QUERY_ERRORS:
+        status, body, _ = await request(
+            http, method, url + path, json={"strategy": "p2c"}
+        )
+        error = {"error": {"code": code, "message": message}}
+        assert (status, body) == (400, error), path
+
+    assert (await request(http, "GET", f"{url}/v1/strategy"))[1] == {
+        "strategy": "least_load"
+    }
+
+
+async def test_metrics_take_any_query_parameters(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+    async with http.get(f"{url}/metrics?module=p2plb&target=x&target=y") as answer:
+        assert answer.status == 200
+        assert "p2plb_" in await answer.text()
+
+
 async def test_kill_9_leaves_rotation_within_the_probe_window(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

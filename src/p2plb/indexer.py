@@ -38,11 +38,11 @@ from p2plb.storage import BUCKETS, MAX_DRIFT_MS, Committed, Storage
 from p2plb.tls import client_context, server_context
 from p2plb.web import (
     INDEX,
+    check_query,
     error_middleware,
     error_response,
     json_response,
     read_body,
-    reject_unknown_query,
 )
 from p2plb.wire import (
     PROTOCOL,
@@ -67,7 +67,6 @@ MAX_PAGE = 10_000
 
 _GET_QUERY = frozenset({"limit", "after"})
 _DELETE_QUERY = frozenset({"item"})
-_NO_QUERY: frozenset[str] = frozenset()
 
 STORAGE_KEY = web.AppKey("storage", Storage)
 
@@ -209,6 +208,7 @@ class Indexer:
     # -- health and load: never behind the limiter ---------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
+        check_query(request)
         try:
             await self.storage.check()
         except StorageError as exc:
@@ -221,12 +221,13 @@ class Indexer:
         )
 
     async def get_load(self, request: web.Request) -> web.Response:
+        check_query(request)
         return json_response(self.load_report())
 
     # -- the index API ---------------------------------------------------------------
 
     async def add_items(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         name = check_name(request.match_info["name"])
         body = decode_body(
             await read_body(
@@ -247,7 +248,7 @@ class Indexer:
         )
 
     async def remove_items(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         name = check_name(request.match_info["name"])
         body = decode_body(
             await read_body(
@@ -258,7 +259,7 @@ class Indexer:
         return await self._remove(name, body.values())
 
     async def delete_item(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _DELETE_QUERY)
+        check_query(request, _DELETE_QUERY)
         name = check_name(request.match_info["name"])
         if "item" not in request.query:
             raise RequestError(
@@ -284,7 +285,7 @@ class Indexer:
         if cached is not None:
             return _cached_response(*cached)
 
-        reject_unknown_query(request, _GET_QUERY)
+        check_query(request, _GET_QUERY)
         check_name(name)
         limit = _page_limit(request.query.get("limit"))
         after = request.query.get("after")
@@ -306,7 +307,7 @@ class Indexer:
         return answer
 
     async def list_indices(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         cached = self.cache.get(_LIST_KEY, None)
         if cached is not None:
             return _cached_response(*cached)

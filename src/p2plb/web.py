@@ -19,18 +19,18 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from p2plb.errors import RemoteError, RequestError, StorageError
-from p2plb.wire import encode
+from p2plb.wire import encode, invalid
 
 __all__ = [
     "INDEX",
     "MAX_HEADER_LINE",
     "MAX_REQUEST_LINE",
     "MAX_URL",
+    "check_query",
     "error_middleware",
     "error_response",
     "json_response",
     "read_body",
-    "reject_unknown_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,25 @@ def _too_large(size: int | None, limit: int) -> RequestError:
     )
 
 
-def reject_unknown_query(request: web.Request, allowed: frozenset[str]) -> None:
-    for key in request.query:
+_NO_QUERY: frozenset[str] = frozenset()
+
+
+def check_query(request: web.Request, allowed: frozenset[str] = _NO_QUERY) -> None:
+    """Refuse a query parameter the route does not take, or one given twice.
+
+    Every route calls this but ``/metrics`` and the messages between p2plb
+    nodes (registering, unregistering, load reports, replication), which
+    ignore what they do not know (design.md "HTTP API").  Taking the first of
+    two values would drop the other without a word: ``DELETE
+    ...?item=b&item=c`` removed only b.
+    """
+    seen: set[str] = set()
+    for key, _ in request.query.items():  # one pair per value given
         if key not in allowed:
             raise RequestError(400, "unknown_field", f"{key}: unknown query parameter")
+        if key in seen:
+            raise invalid(key, "given more than once")
+        seen.add(key)
 
 
 @web.middleware
