@@ -12,6 +12,7 @@ from p2plb.wire import (
     check_name,
     check_whole_number,
     decode_body,
+    decode_percent,
     encode,
 )
 
@@ -273,3 +274,33 @@ def test_whole_numbers() -> None:
         error.message
         == "refresh: must be a whole number of seconds from 1 to 60, got '0'"
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("%FF", "%FF does not decode as UTF-8"),
+        ("ok%FE%FF", "%FE does not decode as UTF-8"),
+        ("%ED%A0%80", "%ED does not decode as UTF-8"),  # a lone surrogate
+        ("%C0%AF", "%C0 does not decode as UTF-8"),  # an overlong '/'
+        ("%C3", "%C3 does not decode as UTF-8"),  # cut short
+        ("%zz", "'%zz' is not an escape"),
+        ("a%2", "'%2' is not an escape"),
+        ("50%", "'%' is not an escape"),
+    ],
+)
+def test_percent_decoding_is_strict(raw: str, reason: str) -> None:
+    error = rejected(decode_percent, raw, "name")
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"name: must be percent-encoded UTF-8; {reason}",
+    )
+
+
+def test_percent_decoding() -> None:
+    assert decode_percent("%25FF", "name") == "%FF"
+    assert decode_percent("%C3%a9t%C3%A9", "name") == "été"
+    assert decode_percent("a+b%2B", "name") == "a+b+"  # '+' is a space in queries only
+    assert decode_percent("%F0%9F%8E%B5", "name") == "🎵"
+    assert decode_percent("", "name") == ""

@@ -42,6 +42,7 @@ from p2plb.web import (
     INDEX,
     check_query,
     error_middleware,
+    index_name,
     json_response,
     read_body,
 )
@@ -281,7 +282,7 @@ class Balancer:
             # A bad name is the caller's mistake whether or not an indexer
             # is up to say so: 400 here, never 503 no_healthy_indexer.
             if "name" in request.match_info:
-                check_name(request.match_info["name"])
+                index_name(request)
             try:
                 return await self.proxy.forward(request, op=op)
             finally:

@@ -41,6 +41,7 @@ from p2plb.web import (
     check_query,
     error_middleware,
     error_response,
+    index_name,
     json_response,
     read_body,
 )
@@ -228,7 +229,7 @@ class Indexer:
 
     async def add_items(self, request: web.Request) -> web.Response:
         check_query(request)
-        name = check_name(request.match_info["name"])
+        name = index_name(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -249,7 +250,7 @@ class Indexer:
 
     async def remove_items(self, request: web.Request) -> web.Response:
         check_query(request)
-        name = check_name(request.match_info["name"])
+        name = index_name(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -260,7 +261,7 @@ class Indexer:
 
     async def delete_item(self, request: web.Request) -> web.Response:
         check_query(request, _DELETE_QUERY)
-        name = check_name(request.match_info["name"])
+        name = index_name(request)
         if "item" not in request.query:
             raise RequestError(
                 400, "invalid_field", "item: query parameter is required"
@@ -286,7 +287,7 @@ class Indexer:
             return _cached_response(*cached)
 
         check_query(request, _GET_QUERY)
-        check_name(name)
+        name = index_name(request)
         limit = _page_limit(request.query.get("limit"))
         after = request.query.get("after")
         if after is not None:

@@ -17,7 +17,7 @@ import ipaddress
 import re
 import unicodedata
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import msgspec
 
@@ -36,6 +36,7 @@ __all__ = [
     "check_name",
     "check_whole_number",
     "decode_body",
+    "decode_percent",
     "encode",
     "invalid",
 ]
@@ -181,6 +182,33 @@ def check_items(items: list[str]) -> list[str]:
     for item in items:
         check_item(item, field="items")
     return items
+
+
+def decode_percent(raw: str, field: str) -> str:
+    """Percent-decode ``raw`` strictly: every '%' starts an escape, and the bytes
+    are UTF-8 (design.md: names and items are UTF-8).
+
+    aiohttp decodes leniently: in a path '%FF' stays the text "%FF", the same
+    name as '%25FF'; in a query it becomes U+FFFD.  Either way two requests
+    that differ would name the same thing.
+    """
+    bad = _BAD_ESCAPE.search(raw)
+    if bad:
+        escape = raw[bad.start() : bad.start() + 3]
+        raise invalid(
+            field, f"must be percent-encoded UTF-8; {escape!r} is not an escape"
+        )
+    data = unquote_to_bytes(raw.encode("utf-8", "surrogateescape"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        shown = "".join(f"%{byte:02X}" for byte in data[exc.start : exc.end])
+        raise invalid(
+            field, f"must be percent-encoded UTF-8; {shown} does not decode as UTF-8"
+        ) from None
+
+
+_BAD_ESCAPE = re.compile("%(?![0-9A-Fa-f]{2})")
 
 
 def check_whole_number(

@@ -1,0 +1,76 @@
+"""Index names that URLs make hard, on an indexer and through the balancer.
+
+design.md allows any 1 to 256 characters of UTF-8 but control characters and
+'/'.  A name travels percent-encoded in the path, where the HTTP libraries on
+the way decode leniently and drop dot segments; these tests hold every hop to
+the name exactly as it was meant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from procs import Procs, request
+
+
+def raw(url: str) -> URL:
+    """``url`` sent as written: aiohttp would otherwise requote it and drop
+    dot segments."""
+    return URL(url, encoded=True)
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+NOT_UTF8 = [
+    ("%FF", "%FF does not decode as UTF-8"),
+    ("%ED%A0%80", "%ED does not decode as UTF-8"),
+    ("a%zz", "'%zz' is not an escape"),
+]
+
+
+async def test_a_name_that_is_not_utf8_is_refused_on_every_path(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # The balancer has no indexer: what it answers, it answers itself.
+    urls = [procs.indexer("i1").url, procs.balancer().url]
+
+    for url in urls:
+        for segment, reason in NOT_UTF8:
+            for method, path in (
+                ("POST", f"/v1/indices/{segment}/items"),
+                ("POST", f"/v1/indices/{segment}/items/remove"),
+                ("DELETE", f"/v1/indices/{segment}/items?item=a"),
+                ("GET", f"/v1/indices/{segment}"),
+            ):
+                status, body, _ = await request(
+                    http, method, raw(url + path), json={"item": "a"}
+                )
+                message = f"name: must be percent-encoded UTF-8; {reason}"
+                assert (status, body) == (400, error("invalid_field", message)), (
+                    url,
+                    path,
+                )
+
+    status, body, _ = await request(http, "GET", f"{urls[0]}/v1/indices")
+    assert (status, body) == (200, {"indices": []})
+
+
+async def test_an_escaped_percent_names_its_own_index(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.indexer("i1").url
+
+    status, body, _ = await request(
+        http, "POST", raw(f"{url}/v1/indices/%25FF/items"), json={"item": "a"}
+    )
+    assert (status, body["added"]) == (200, 1)
+
+    status, body, _ = await request(http, "GET", raw(f"{url}/v1/indices/%25FF"))
+    assert (status, body) == (200, {"name": "%FF", "items": ["a"], "next": None})
+    status, body, _ = await request(http, "GET", f"{url}/v1/indices")
+    assert (status, body) == (200, {"indices": ["%FF"]})
