@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from procs import Procs, request
+from p2plb import AsyncClient
+from procs import Procs, eventually, request
 
 
 def raw(url: str) -> URL:
@@ -74,3 +75,68 @@ async def test_an_escaped_percent_names_its_own_index(
     assert (status, body) == (200, {"name": "%FF", "items": ["a"], "next": None})
     status, body, _ = await request(http, "GET", f"{url}/v1/indices")
     assert (status, body) == (200, {"indices": ["%FF"]})
+
+
+# Names design.md allows that a URL carries only with care, each with the path
+# segments that name it: percent-encoded as the client sends it, and as a
+# caller may type it.
+ODD_NAMES = {
+    "a{b}": ["a%7Bb%7D", "a{b}"],
+    "{}": ["%7B%7D", "{}"],
+}
+
+
+async def test_odd_names_work_on_every_path(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer()
+    indexer = procs.indexer(
+        "i1", "--balancer", balancer.url, "--report-interval", "0.3s"
+    )
+    await eventually(lambda: serving(http, balancer.url))
+
+    for name, segments in ODD_NAMES.items():
+        for url in (indexer.url, balancer.url):
+            for segment in segments:
+                await add_get_remove(http, url, segment, name)
+        for mode in ("routed", "proxy"):
+            async with AsyncClient(balancers=[balancer.url], mode=mode) as client:
+                assert await client.add_to_index(name, ["x", "y"]) == 2, mode
+                assert await client.get_index(name) == ["x", "y"], mode
+                assert await client.list_indices() == [name], mode
+                assert await client.remove_from_index(name, ["x", "y"]) == 2, mode
+                assert await client.get_index(name) is None, mode
+
+
+async def serving(http: aiohttp.ClientSession, url: str) -> bool:
+    _, table, _ = await request(http, "GET", f"{url}/v1/routing-table")
+    return [(row["healthy"], row["state"]) for row in table["indexers"]] == [
+        (True, "serving")
+    ]
+
+
+async def add_get_remove(
+    http: aiohttp.ClientSession, url: str, segment: str, name: str
+) -> None:
+    """Every index operation at ``url`` on the index ``segment`` names."""
+    index = f"{url}/v1/indices/{segment}"
+    status, body, _ = await request(
+        http, "POST", raw(index + "/items"), json={"items": ["a", "b"]}
+    )
+    assert (status, body["added"]) == (200, 2), index
+
+    status, body, _ = await request(http, "GET", raw(index))
+    assert (status, body) == (200, {"name": name, "items": ["a", "b"], "next": None})
+    status, body, _ = await request(http, "GET", f"{url}/v1/indices")
+    assert (status, body) == (200, {"indices": [name]}), index
+
+    status, body, _ = await request(http, "DELETE", raw(index + "/items?item=a"))
+    assert (status, body["removed"]) == (200, 1), index
+    status, body, _ = await request(
+        http, "POST", raw(index + "/items/remove"), json={"item": "b"}
+    )
+    assert (status, body["removed"]) == (200, 1), index
+
+    status, body, _ = await request(http, "GET", raw(index))
+    message = f"name: index {name!r} has no items"
+    assert (status, body) == (404, error("index_not_found", message)), index

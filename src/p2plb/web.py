@@ -41,8 +41,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 
 #: The path of one index.  It matches an empty name too, so that one gets
-#: ``400 invalid_field`` naming ``name`` rather than ``404 not_found``.
-INDEX = "/v1/indices/{name:[^{}/]*}"
+#: ``400 invalid_field`` naming ``name`` rather than ``404 not_found``, and
+#: braces, which names may hold (aiohttp's default pattern refuses them).
+INDEX = "/v1/indices/{name:[^/]*}"
 _NAME_SEGMENT = INDEX[: INDEX.index("{")].count("/")
 
 #: The longest path and query the application takes; longer gets ``414``.  It
