@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from p2plb import AsyncClient
 from procs import Procs, eventually, request
+from test_client_errors import Fake
 
 
 def raw(url: str) -> URL:
@@ -83,6 +85,9 @@ async def test_an_escaped_percent_names_its_own_index(
 ODD_NAMES = {
     "a{b}": ["a%7Bb%7D", "a{b}"],
     "{}": ["%7B%7D", "{}"],
+    ".": ["%2E", "."],
+    "..": ["%2E%2E", "..", ".%2E"],
+    "...": ["...", "%2E%2E%2E"],
 }
 
 
@@ -94,6 +99,15 @@ async def test_odd_names_work_on_every_path(
         "i1", "--balancer", balancer.url, "--report-interval", "0.3s"
     )
     await eventually(lambda: serving(http, balancer.url))
+
+    # The proxy forwards the query as sent, not requoted from its decoded form
+    # (which had turned %FF into U+FFFD, a valid item).
+    for url in (indexer.url, balancer.url):
+        status, body, _ = await request(
+            http, "DELETE", raw(f"{url}/v1/indices/x/items?item=%FF")
+        )
+        message = "item: must be percent-encoded UTF-8; %FF does not decode as UTF-8"
+        assert (status, body) == (400, error("invalid_field", message)), url
 
     for name, segments in ODD_NAMES.items():
         for url in (indexer.url, balancer.url):
@@ -140,3 +154,32 @@ async def add_get_remove(
     status, body, _ = await request(http, "GET", raw(index))
     message = f"name: index {name!r} has no items"
     assert (status, body) == (404, error("index_not_found", message)), index
+
+
+async def test_the_client_escapes_dot_names_so_no_hop_drops_them() -> None:
+    """'.' and '..' left bare would reach another path through any hop that
+    removes dot segments; a stand-in server shows what the client sends."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "GET":
+            return web.json_response({"name": "-", "items": ["a"], "next": None})
+        return web.json_response({"added": 1, "removed": 1, "version": "0" * 16})
+
+    fake = await Fake("f1", answer).start()
+    try:
+        for mode in ("routed", "proxy"):
+            async with AsyncClient(balancers=[fake.url], mode=mode) as client:
+                for name in (".", "..", "..."):
+                    assert await client.add_to_index(name, "a") == 1
+                    assert await client.get_index(name) == ["a"]
+                    assert await client.remove_from_index(name, "a") == 1
+    finally:
+        await fake.stop()
+
+    sent = [(call.method, call.rel_url.raw_path) for call in fake.calls]
+    expected: list[tuple[str, str]] = []
+    for segment in ("%2E", "%2E%2E", "..."):
+        index = f"/v1/indices/{segment}"
+        expected += [("POST", f"{index}/items"), ("GET", index)]
+        expected += [("POST", f"{index}/items/remove")]
+    assert sent == 2 * expected  # routed, then proxy

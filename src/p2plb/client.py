@@ -186,7 +186,7 @@ class AsyncClient(AsyncAliases):
 
     async def get_index(self, index: str) -> list[str] | None:
         """Every item of ``index``, sorted, following pages to the end; or None."""
-        path = f"/v1/indices/{_quote(check_name(index, field='index'))}"
+        path = f"/v1/indices/{_segment(index)}"
         items: list[str] = []
         after: str | None = None
         while True:
@@ -450,7 +450,7 @@ def _addresses(value: str | Sequence[str] | None, field: str) -> list[str]:
 def _items_request(
     index: str, item_or_items: str | Sequence[str], suffix: str
 ) -> tuple[str, bytes]:
-    path = f"/v1/indices/{_quote(check_name(index, field='index'))}{suffix}"
+    path = f"/v1/indices/{_segment(index)}{suffix}"
     if isinstance(item_or_items, str):
         return path, encode({"item": check_item(item_or_items)})
     items = list(item_or_items)
@@ -470,3 +470,14 @@ def _is_version(text: str) -> bool:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
+
+
+def _segment(index: str) -> str:
+    """``index`` checked, as one path segment.
+
+    '.' and '..' go as '%2E' and '%2E%2E': left as they are, any hop (the
+    server, a proxy, an HTTP library) may remove them as dot segments
+    (RFC 3986 5.2.4), and the request would reach another path.
+    """
+    segment = _quote(check_name(index, field="index"))
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
