@@ -131,9 +131,41 @@ REGISTRATION_ERRORS: list[tuple[dict[str, Any], str, str]] = [
         "(Port out of range 0-65535)",
     ),
     (
+        {"id": "i", "address": "http://127.0.0.1\x00:80", "capacity": 1},
+        "invalid_field",
+        "address: must be http://host:port or https://host:port, "
+        "got 'http://127.0.0.1\\x00:80': no spaces or control characters",
+    ),
+    (
+        {"id": "i", "address": "http://exa mple:80", "capacity": 1},
+        "invalid_field",
+        "address: must be http://host:port or https://host:port, "
+        "got 'http://exa mple:80': no spaces or control characters",
+    ),
+    (
+        {"id": "i", "address": "http://x:1", "capacity": 1, "zone": "\x1b[2J"},
+        "invalid_field",
+        "zone: must not contain control characters (found '\\x1b')",
+    ),
+    (
+        {"id": "i", "address": "http://x:1", "capacity": 1, "zone": "a\nb"},
+        "invalid_field",
+        "zone: must not contain control characters (found '\\n')",
+    ),
+    (
         {"id": "a b", "address": "http://x:1", "capacity": 1},
         "invalid_field",
         "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'a b'",
+    ),
+    (
+        {"id": "nl\n", "address": "http://x:1", "capacity": 1},
+        "invalid_field",
+        "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'nl\\n'",
+    ),
+    (
+        {"id": "..", "address": "http://x:1", "capacity": 1},
+        "invalid_field",
+        "id: must not be '..', which a URL path drops as a dot segment",
     ),
     (
         {"id": 7, "address": "http://x:1", "capacity": 1},
@@ -240,6 +272,68 @@ async def test_register_unregister_report_and_superseded(
     assert (await request(http, "DELETE", f"{url}/v1/indexers/i1"))[0] == 204
     status, body, _ = await request(http, "DELETE", f"{url}/v1/indexers/i1")
     assert (status, body["error"]["code"]) == (404, "indexer_not_found")
+
+
+async def test_members_since_is_a_whole_number(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+    for raw, shown in [("-1", "-1"), ("%D9%A3", "\u0663"), ("%201", " 1")]:
+        status, body, _ = await request(
+            http, "GET", f"{url}/v1/indexers?members_since={raw}"
+        )
+        message = (
+            f"members_since: must be a whole number from 0 to {2**63 - 1}, "
+            f"got {shown!r}"
+        )
+        assert (status, body) == (
+            400,
+            {"error": {"code": "invalid_field", "message": message}},
+        )
+    status, body, _ = await request(http, "GET", f"{url}/v1/indexers?members_since=0")
+    assert (status, body) == (200, {"indexers": None, "members_version": 0})
+
+
+QUERY_ERRORS: list[tuple[str, str, str, str]] = [
+    ("GET", "/v1/route?op=read&op=write", "invalid_field", "op: given more than once"),
+    ("GET", "/v1/route?index=a&index=b", "invalid_field",
+     "index: given more than once"),
+    ("GET", "/v1/indexers?members_since=0&members_since=0", "invalid_field",
+     "members_since: given more than once"),
+    ("GET", "/dashboard?refresh=5&refresh=9", "invalid_field",
+     "refresh: given more than once"),
+    ("GET", "/v1/strategy?x=1", "unknown_field", "x: unknown query parameter"),
+    ("PUT", "/v1/strategy?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/healthz?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/openapi.json?x=1", "unknown_field", "x: unknown query parameter"),
+    ("GET", "/v1/status?x=1&x=2", "unknown_field", "x: unknown query parameter"),
+]  # fmt: skip
+
+
+async def test_query_parameters_are_known_and_given_once(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+
+    for method, path, code, message in QUERY_ERRORS:
+        status, body, _ = await request(
+            http, method, url + path, json={"strategy": "p2c"}
+        )
+        error = {"error": {"code": code, "message": message}}
+        assert (status, body) == (400, error), path
+
+    assert (await request(http, "GET", f"{url}/v1/strategy"))[1] == {
+        "strategy": "least_load"
+    }
+
+
+async def test_metrics_take_any_query_parameters(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    url = procs.balancer().url
+    async with http.get(f"{url}/metrics?module=p2plb&target=x&target=y") as answer:
+        assert answer.status == 200
+        assert "p2plb_" in await answer.text()
 
 
 async def test_kill_9_leaves_rotation_within_the_probe_window(

@@ -30,6 +30,16 @@ from p2plb.cli import cli
             "--capacity: expected a whole number, got 'x'",
         ),
         (
+            ["indexer", "--id", "x\n"],
+            {},
+            "--id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got 'x\\n'",
+        ),
+        (
+            ["indexer", "--id", ".."],
+            {},
+            "--id: must not be '..', which a URL path drops as a dot segment",
+        ),
+        (
             ["balancer", "--probe-interval", "soon"],
             {"P2PLB_PROBE_INTERVAL": "1s"},
             "--probe-interval: expected a duration like 10s, 500ms or 1h, got 'soon'",

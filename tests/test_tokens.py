@@ -42,6 +42,42 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def test_the_token_is_checked_before_the_id(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    tokens = ("--cluster-token", "c-secret", "--admin-token", "a-secret")
+    url = procs.balancer("balancer", *tokens).url
+    missing = {
+        "error": {
+            "code": "missing_token",
+            "message": "Authorization: a Bearer cluster or admin token is required",
+        }
+    }
+    bad_id = {
+        "error": {
+            "code": "invalid_field",
+            "message": "id: must be 1 to 128 of letters, digits, '.', '_', ':', '-'; "
+            "got 'bad id'",
+        }
+    }
+    load = {"load": 0}
+
+    for method, path, kwargs in (
+        ("DELETE", "/v1/indexers/bad%20id", {}),
+        ("PUT", "/v1/indexers/bad%20id/load", {"json": load}),
+    ):
+        status, body, _ = await request(http, method, url + path, **kwargs)
+        assert (status, body) == (401, missing), path
+        status, body, _ = await request(
+            http, method, url + path, headers=bearer("guess"), **kwargs
+        )
+        assert (status, body["error"]["code"]) == (403, "wrong_token"), path
+        status, body, _ = await request(
+            http, method, url + path, headers=bearer("c-secret"), **kwargs
+        )
+        assert (status, body) == (400, bad_id), path
+
+
 async def test_balancer_and_indexers_with_tokens(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

@@ -5,11 +5,15 @@ import pytest
 from p2plb.errors import RequestError
 from p2plb.wire import (
     ItemsBody,
+    RegisterBody,
     check_address,
     check_indexer_id,
     check_item,
     check_name,
+    check_whole_number,
     decode_body,
+    decode_percent,
+    encode,
 )
 
 
@@ -142,12 +146,67 @@ def test_bad_addresses(address: str) -> None:
     )
 
 
+_EXPECTED = "address: must be http://host:port or https://host:port, got "
+_NOT_A_HOST = (
+    ": the host must be a DNS name, an IPv4 address or an IPv6 address in brackets"
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("http://127.0.0.1\x00:80", ": no spaces or control characters"),
+        ("http://exa mple:80", ": no spaces or control characters"),
+        # urlsplit would drop these silently and accept what is left.
+        ("http://exa\nmple:80", ": no spaces or control characters"),
+        ("http://x:80\t", ": no spaces or control characters"),
+        (" http://x:80", ": no spaces or control characters"),
+        ("http://x\x1b:80", ": no spaces or control characters"),
+        ("http://a\u00a0b:80", ": no spaces or control characters"),
+        ("http://bücher.example:80", _NOT_A_HOST),
+        ("http://a\u200bb:80", _NOT_A_HOST),
+        ("http://ex%41mple:80", _NOT_A_HOST),
+        ("http://a!b:80", _NOT_A_HOST),
+        ("http://-x:80", _NOT_A_HOST),
+        ("http://x-:80", _NOT_A_HOST),
+        ("http://a..b:80", _NOT_A_HOST),
+        ("http://" + "a" * 64 + ".example:80", _NOT_A_HOST),
+        ("http://" + "a." * 127 + "ab:80", _NOT_A_HOST),
+        ("http://999.1.1.1:80", _NOT_A_HOST),
+        ("http://1.2.3:80", _NOT_A_HOST),
+        ("http://0x7f.1:80", _NOT_A_HOST),
+        ("http://8080:80", _NOT_A_HOST),
+    ],
+)
+def test_an_address_host_is_a_name_or_an_ip_address(address: str, reason: str) -> None:
+    error = rejected(check_address, address)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"{_EXPECTED}{address!r}{reason}",
+    )
+
+
+def test_hosts_that_are_names_or_ip_addresses() -> None:
+    for given in (
+        "http://my_service:80",
+        "http://a-b.c1.example.:80",
+        "http://1e3:80",
+        "http://10.0.0.1:80",
+        "http://[::ffff:10.0.0.1]:80",
+        "http://" + "a" * 63 + ".example:80",
+    ):
+        assert check_address(given) == given
+
+
 def test_address_must_be_a_string() -> None:
     error = rejected(check_address, 80)
     assert error.message == "address: must be a string like http://host:port, got 80"
 
 
-@pytest.mark.parametrize("value", ["", "a" * 129, "a b", "a/b", "é", 5, None])
+@pytest.mark.parametrize(
+    "value", ["", "a" * 129, "a b", "a/b", "é", "nl\n", "\nnl", 5, None]
+)
 def test_bad_indexer_ids(value: object) -> None:
     error = rejected(check_indexer_id, value)
     assert error.message == (
@@ -155,6 +214,93 @@ def test_bad_indexer_ids(value: object) -> None:
     )
 
 
+@pytest.mark.parametrize("value", [".", ".."])
+def test_dot_segments_are_not_indexer_ids(value: str) -> None:
+    error = rejected(check_indexer_id, value)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"id: must not be {value!r}, which a URL path drops as a dot segment",
+    )
+
+
 def test_good_indexer_ids() -> None:
-    for value in ("i1", "a" * 128, "node-1.zone_a:7401"):
+    for value in ("i1", "a" * 128, "node-1.zone_a:7401", "...", ".a", "a."):
         assert check_indexer_id(value) == value
+
+
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("\x1b[31mred", "zone: must not contain control characters (found '\\x1b')"),
+        ("eu\nwest", "zone: must not contain control characters (found '\\n')"),
+        ("", "zone: must be 1 to 64 characters"),
+    ],
+)
+def test_zones_hold_no_control_characters(zone: str, message: str) -> None:
+    body = {"id": "i1", "address": "http://x:1", "capacity": 1, "zone": zone}
+
+    error = rejected(decode_body(encode(body), RegisterBody).check)
+
+    assert (error.status, error.code, error.message) == (400, "invalid_field", message)
+
+
+def test_a_zone_may_be_any_printable_text() -> None:
+    body = {"id": "i1", "address": "http://x:1", "capacity": 1, "zone": "eu-west 1 ☁"}
+    assert decode_body(encode(body), RegisterBody).check().zone == "eu-west 1 ☁"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", " 5", "5 ", "+5", "-1", "1_0", "1.5", "1e3", "0x10", "\u0663", "\u00b2",
+     "\uff15", "0", "10001", "9" * 5000],
+)  # fmt: skip
+def test_whole_numbers_are_ascii_digits_in_range(raw: str) -> None:
+    error = rejected(check_whole_number, raw, "limit", 1, 10_000)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"limit: must be a whole number from 1 to 10000, got {raw!r}",
+    )
+
+
+def test_whole_numbers() -> None:
+    assert check_whole_number("1", "limit", 1, 10_000) == 1
+    assert check_whole_number("10000", "limit", 1, 10_000) == 10_000
+    assert check_whole_number("0" * 5000 + "7", "limit", 1, 10_000) == 7
+    assert check_whole_number("0", "members_since", 0, 2**63 - 1) == 0
+    error = rejected(check_whole_number, "0", "refresh", 1, 60, unit="seconds")
+    assert (
+        error.message
+        == "refresh: must be a whole number of seconds from 1 to 60, got '0'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("%FF", "%FF does not decode as UTF-8"),
+        ("ok%FE%FF", "%FE does not decode as UTF-8"),
+        ("%ED%A0%80", "%ED does not decode as UTF-8"),  # a lone surrogate
+        ("%C0%AF", "%C0 does not decode as UTF-8"),  # an overlong '/'
+        ("%C3", "%C3 does not decode as UTF-8"),  # cut short
+        ("%zz", "'%zz' is not an escape"),
+        ("a%2", "'%2' is not an escape"),
+        ("50%", "'%' is not an escape"),
+    ],
+)
+def test_percent_decoding_is_strict(raw: str, reason: str) -> None:
+    error = rejected(decode_percent, raw, "name")
+    assert (error.status, error.code, error.message) == (
+        400,
+        "invalid_field",
+        f"name: must be percent-encoded UTF-8; {reason}",
+    )
+
+
+def test_percent_decoding() -> None:
+    assert decode_percent("%25FF", "name") == "%FF"
+    assert decode_percent("%C3%a9t%C3%A9", "name") == "été"
+    assert decode_percent("a+b%2B", "name") == "a+b+"  # '+' is a space in queries only
+    assert decode_percent("%F0%9F%8E%B5", "name") == "🎵"
+    assert decode_percent("", "name") == ""

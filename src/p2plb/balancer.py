@@ -40,17 +40,20 @@ from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
 from p2plb.web import (
     INDEX,
+    check_query,
     error_middleware,
+    index_name,
     json_response,
     read_body,
-    reject_unknown_query,
 )
 from p2plb.wire import (
+    MAX_COUNT,
     LoadBody,
     RegisterBody,
     StrategyBody,
     check_indexer_id,
     check_name,
+    check_whole_number,
     decode_body,
 )
 
@@ -59,7 +62,6 @@ __all__ = ["Balancer", "run_balancer"]
 logger = logging.getLogger(__name__)
 
 _ROUTE_QUERY = frozenset({"index", "op"})
-_NO_QUERY: frozenset[str] = frozenset()
 _LIST_QUERY = frozenset({"members_since"})
 _OPS = ("read", "write")
 
@@ -280,7 +282,7 @@ class Balancer:
             # A bad name is the caller's mistake whether or not an indexer
             # is up to say so: 400 here, never 503 no_healthy_indexer.
             if "name" in request.match_info:
-                check_name(request.match_info["name"])
+                index_name(request)
             try:
                 return await self.proxy.forward(request, op=op)
             finally:
@@ -291,9 +293,12 @@ class Balancer:
         return forward
 
     async def healthz(self, request: web.Request) -> web.Response:
+        check_query(request)
         return json_response({"status": "ok"})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
+        # No check_query: Prometheus lets a scrape config add parameters
+        # (params:), and a scrape refused for them would look like an outage.
         body = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -334,8 +339,10 @@ class Balancer:
         return json_response(answer, status=201 if created else 200)
 
     async def unregister(self, request: web.Request) -> web.Response:
-        indexer_id = check_indexer_id(request.match_info["id"])
+        # The token before the id, here and in report: a caller without one
+        # learns nothing, not even which ids are well formed.
         role = self._cluster(request)
+        indexer_id = check_indexer_id(request.match_info["id"])
         if role == "cluster" and self.config.cluster_token:
             # With the cluster token an indexer may remove itself only: it
             # proves which one it is by the instance it registered with.
@@ -352,8 +359,8 @@ class Balancer:
         return web.Response(status=204)
 
     async def report(self, request: web.Request) -> web.Response:
-        indexer_id = check_indexer_id(request.match_info["id"])
         self._cluster(request)
+        indexer_id = check_indexer_id(request.match_info["id"])
         raw = await read_body(
             request, self.config.max_body_size, self.config.body_timeout
         )
@@ -383,16 +390,18 @@ class Balancer:
         Indexers poll this for replication; answering ``null`` while the
         member list is unchanged keeps the poll cheap at thousands of them.
         """
-        reject_unknown_query(request, _LIST_QUERY)
+        check_query(request, _LIST_QUERY)
         version = self.registry.members_version
         since = request.query.get("members_since")
-        if since is not None and since == str(version):
+        if since is not None and version == check_whole_number(
+            since, "members_since", 0, MAX_COUNT
+        ):
             return json_response({"indexers": None, "members_version": version})
         entries = [self._entry_json(e) for e in self.registry.entries()]
         return json_response({"indexers": entries, "members_version": version})
 
     async def route(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _ROUTE_QUERY)
+        check_query(request, _ROUTE_QUERY)
         op = request.query.get("op", "read")
         if op not in _OPS:
             raise RequestError(
@@ -407,16 +416,16 @@ class Balancer:
         return json_response({"id": entry.id, "address": entry.address})
 
     async def routing_table(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         return json_response(self.registry.routing_table())
 
     async def status(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         return json_response(self.status_json())
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """``GET /v1/status`` as a page for people; public, as the status is."""
-        reject_unknown_query(request, DASHBOARD_QUERY)
+        check_query(request, DASHBOARD_QUERY)
         refresh = refresh_seconds(request.query.get("refresh"))
         page = render(self.status_json(), refresh=refresh)
         return web.Response(
@@ -428,7 +437,7 @@ class Balancer:
 
     async def home(self, request: web.Request) -> web.Response:
         """``/`` is where a browser lands: the dashboard, with the refresh asked."""
-        reject_unknown_query(request, DASHBOARD_QUERY)
+        check_query(request, DASHBOARD_QUERY)
         location = "/dashboard"
         if "refresh" in request.query:
             # Rebuilt from the number, so nothing the caller sent is reflected.
@@ -444,10 +453,12 @@ class Balancer:
         return status
 
     async def get_strategy(self, request: web.Request) -> web.Response:
+        check_query(request)
         return json_response({"strategy": self.registry.strategy})
 
     async def put_strategy(self, request: web.Request) -> web.Response:
         self._admin(request)
+        check_query(request)
         raw = await read_body(
             request, self.config.max_body_size, self.config.body_timeout
         )

@@ -290,7 +290,7 @@ async def _control_plane_suite(
         quiet = 0.0 if options.quick else 60.0
         script = workdir / "report.lua"
         async with aiohttp.ClientSession() as http:
-            members = f"{url}/v1/indexers?members_since=-1"
+            members = f"{url}/v1/indexers"  # the whole list, with its version
             async with http.get(members) as answer:
                 answer.raise_for_status()
                 version = int((await answer.json())["members_version"])

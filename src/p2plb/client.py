@@ -452,7 +452,7 @@ def _index_path(index: object) -> str:
     # TypeError from deep inside would not be a p2plb error.
     if not isinstance(index, str):
         raise invalid("index", f"must be a str, got {type(index).__name__}")
-    return f"/v1/indices/{_quote(check_name(index, field='index'))}"
+    return f"/v1/indices/{_segment(index)}"
 
 
 def _items_request(
@@ -485,3 +485,14 @@ def _is_version(text: str) -> bool:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
+
+
+def _segment(index: str) -> str:
+    """``index`` checked, as one path segment.
+
+    '.' and '..' go as '%2E' and '%2E%2E': left as they are, any hop (the
+    server, a proxy, an HTTP library) may remove them as dot segments
+    (RFC 3986 5.2.4), and the request would reach another path.
+    """
+    segment = _quote(check_name(index, field="index"))
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment

@@ -20,8 +20,7 @@ from typing import Any
 
 import msgspec
 
-from p2plb.errors import RequestError
-from p2plb.wire import Status, StatusRow
+from p2plb.wire import Status, StatusRow, check_whole_number
 
 __all__ = ["HEADERS", "QUERY", "refresh_seconds", "render"]
 
@@ -89,15 +88,7 @@ def refresh_seconds(raw: str | None) -> int:
     """The ``refresh`` query parameter: whole seconds from 1 to an hour."""
     if raw is None:
         return DEFAULT_REFRESH
-    # ASCII digits only: int() would also take " 5", "+5" and "٣".
-    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_REFRESH:
-        return int(raw)
-    raise RequestError(
-        400,
-        "invalid_field",
-        f"refresh: must be a whole number of seconds from 1 to {MAX_REFRESH}, "
-        f"got {raw!r}",
-    )
+    return check_whole_number(raw, "refresh", 1, MAX_REFRESH, unit="seconds")
 
 
 def render(status: Mapping[str, Any], *, refresh: int = DEFAULT_REFRESH) -> str:

@@ -38,13 +38,21 @@ from p2plb.storage import BUCKETS, MAX_DRIFT_MS, Committed, Storage
 from p2plb.tls import client_context, server_context
 from p2plb.web import (
     INDEX,
+    check_query,
     error_middleware,
     error_response,
+    index_name,
     json_response,
     read_body,
-    reject_unknown_query,
 )
-from p2plb.wire import PROTOCOL, ItemsBody, check_item, check_name, decode_body
+from p2plb.wire import (
+    PROTOCOL,
+    ItemsBody,
+    check_item,
+    check_name,
+    check_whole_number,
+    decode_body,
+)
 from p2plb.workload import ServiceModel
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Indexer", "LOAD_HEADER"]
@@ -60,7 +68,6 @@ MAX_PAGE = 10_000
 
 _GET_QUERY = frozenset({"limit", "after"})
 _DELETE_QUERY = frozenset({"item"})
-_NO_QUERY: frozenset[str] = frozenset()
 
 STORAGE_KEY = web.AppKey("storage", Storage)
 
@@ -209,6 +216,7 @@ class Indexer:
     # -- health and load: never behind the limiter ---------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
+        check_query(request)
         try:
             await self.storage.check()
         except StorageError as exc:
@@ -221,13 +229,14 @@ class Indexer:
         )
 
     async def get_load(self, request: web.Request) -> web.Response:
+        check_query(request)
         return json_response(self.load_report())
 
     # -- the index API ---------------------------------------------------------------
 
     async def add_items(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
-        name = check_name(request.match_info["name"])
+        check_query(request)
+        name = index_name(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -247,8 +256,8 @@ class Indexer:
         )
 
     async def remove_items(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
-        name = check_name(request.match_info["name"])
+        check_query(request)
+        name = index_name(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -258,8 +267,8 @@ class Indexer:
         return await self._remove(name, body.values())
 
     async def delete_item(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _DELETE_QUERY)
-        name = check_name(request.match_info["name"])
+        check_query(request, _DELETE_QUERY)
+        name = index_name(request)
         if "item" not in request.query:
             raise RequestError(
                 400, "invalid_field", "item: query parameter is required"
@@ -284,8 +293,8 @@ class Indexer:
         if cached is not None:
             return _cached_response(*cached)
 
-        reject_unknown_query(request, _GET_QUERY)
-        check_name(name)
+        check_query(request, _GET_QUERY)
+        name = index_name(request)
         limit = _page_limit(request.query.get("limit"))
         after = request.query.get("after")
         if after is not None:
@@ -306,7 +315,7 @@ class Indexer:
         return answer
 
     async def list_indices(self, request: web.Request) -> web.Response:
-        reject_unknown_query(request, _NO_QUERY)
+        check_query(request)
         cached = self.cache.get(_LIST_KEY, None)
         if cached is not None:
             return _cached_response(*cached)
@@ -344,12 +353,10 @@ class Indexer:
     async def bucket(self, request: web.Request) -> web.Response:
         self.replicator.authorize(request.headers.get("Authorization"))
         index = check_name(request.query.get("index", ""), field="index")
-        raw = request.query.get("bucket", "")
-        if not raw.isdigit() or int(raw) >= BUCKETS:
-            raise RequestError(
-                400, "invalid_field", f"bucket: must be 0 to {BUCKETS - 1}, got {raw!r}"
-            )
-        return json_response(await self.replicator.bucket(index, int(raw)))
+        bucket = check_whole_number(
+            request.query.get("bucket", ""), "bucket", 0, BUCKETS - 1
+        )
+        return json_response(await self.replicator.bucket(index, bucket))
 
 
 _LIST_KEY = "list of indices"  # never a raw path: those start with "/"
@@ -362,17 +369,7 @@ def _cached_response(status: int, body: bytes) -> web.Response:
 def _page_limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_PAGE
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_PAGE or not raw.strip().isdigit():
-        raise RequestError(
-            400,
-            "invalid_field",
-            f"limit: must be a whole number from 1 to {MAX_PAGE}, got {raw!r}",
-        )
-    return limit
+    return check_whole_number(raw, "limit", 1, MAX_PAGE)
 
 
 def advertise_url(config: IndexerConfig, bound_url: str, wildcard: bool) -> str:

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from p2plb.config import STRATEGY_NAMES
 from p2plb.dashboard import DEFAULT_REFRESH, MAX_REFRESH
+from p2plb.web import check_query
 from p2plb.wire import (
     MAX_BATCH_ITEMS,
     MAX_CAPACITY,
@@ -59,6 +60,7 @@ __all__ = ["document", "openapi_handler"]
 
 _REF = "#/components/schemas/{name}"
 _STATES = ["serving", "syncing"]
+_NO_CONTROL = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
 _NAME: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
@@ -76,12 +78,16 @@ _ITEM: dict[str, Any] = {
 _ID: dict[str, Any] = {
     "type": "string",
     "pattern": "^[A-Za-z0-9._:-]{1,128}$",
-    "description": "1 to 128 of letters, digits, '.', '_', ':', '-'.",
+    "not": {"enum": [".", ".."]},
+    "description": "1 to 128 of letters, digits, '.', '_', ':', '-'; not . or ..",
 }
 _ADDRESS: dict[str, Any] = {
     "type": "string",
     "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
-    "description": "http://host:port or https://host:port, IPv6 in brackets.",
+    "description": (
+        "http://host:port or https://host:port; the host a DNS name, an IPv4 "
+        "address or an IPv6 address in brackets."
+    ),
 }
 _COUNT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
 _CAPACITY: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY}
@@ -121,7 +127,15 @@ _CHECKS: dict[tuple[str, str], dict[str, Any]] = {
     ("RegisterBody", "address"): _ADDRESS,
     ("RegisterBody", "capacity"): _CAPACITY,
     ("RegisterBody", "zone"): {
-        "anyOf": [{"type": "string", "minLength": 1, "maxLength": 64}, {"type": "null"}]
+        "anyOf": [
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "pattern": _NO_CONTROL,
+            },
+            {"type": "null"},
+        ]
     },
     ("RegisterBody", "instance"): {
         "anyOf": [
@@ -184,6 +198,8 @@ _BODY_ERRORS = {
 _CLUSTER: list[dict[str, list[str]]] = [{"clusterToken": []}, {"adminToken": []}]
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 _TOKEN_ERRORS = {401: ("missing_token",), 403: ("wrong_token",)}
+# A route that takes no query parameters refuses any (web.check_query).
+_NO_QUERY: dict[int, tuple[str, ...]] = {400: ("unknown_field",)}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -384,11 +400,13 @@ def _indexer_paths() -> dict[str, Any]:
                 "Alive, and the storage answers.",
                 "health",
                 {200: "IndexerHealth"},
-                {503: ("storage_unavailable",)},
+                {**_NO_QUERY, 503: ("storage_unavailable",)},
             )
         },
         "/v1/load": {
-            "get": _op("getLoad", "What the indexer reports.", "health", {200: None})
+            "get": _op(
+                "getLoad", "What the indexer reports.", "health", {200: None}, _NO_QUERY
+            )
         },
         **_index_api(proxied=False),
         **internal,
@@ -406,7 +424,7 @@ def _balancer_paths() -> dict[str, Any]:
     members_since = _param(
         "members_since",
         "query",
-        {"type": "integer", "minimum": 0},
+        _COUNT,
         "A members_version held: the answer is null while it is current.",
     )
     route_params = (
@@ -417,7 +435,9 @@ def _balancer_paths() -> dict[str, Any]:
     )
     return {
         **_dashboard_paths(),
-        "/healthz": {"get": _op("health", "Alive.", "health", {200: "BalancerHealth"})},
+        "/healthz": {
+            "get": _op("health", "Alive.", "health", {200: "BalancerHealth"}, _NO_QUERY)
+        },
         "/metrics": {
             "get": {
                 "operationId": "metrics",
@@ -450,7 +470,7 @@ def _balancer_paths() -> dict[str, Any]:
                 "Every registered indexer.",
                 tag,
                 {200: "IndexerList"},
-                {400: ("unknown_field",)},
+                {400: ("invalid_field", "unknown_field")},
                 params=(members_since,),
             ),
         },
@@ -500,7 +520,7 @@ def _balancer_paths() -> dict[str, Any]:
                 "Every indexer, for clients that route themselves.",
                 tag,
                 {200: "RoutingTable"},
-                {400: ("unknown_field",)},
+                _NO_QUERY,
             )
         },
         "/v1/status": {
@@ -509,12 +529,16 @@ def _balancer_paths() -> dict[str, Any]:
                 "The balancer's view of the cluster.",
                 tag,
                 {200: "Status"},
-                {400: ("unknown_field",)},
+                _NO_QUERY,
             )
         },
         "/v1/strategy": {
             "get": _op(
-                "getStrategy", "The active strategy.", tag, {200: "StrategyAnswer"}
+                "getStrategy",
+                "The active strategy.",
+                tag,
+                {200: "StrategyAnswer"},
+                _NO_QUERY,
             ),
             "put": _op(
                 "setStrategy",
@@ -583,7 +607,10 @@ def document(role: str) -> dict[str, Any]:
             "operationId": "openapi",
             "summary": "This document.",
             "tags": ["health"],
-            "responses": {"200": {"description": "OK", "content": _json({})}},
+            "responses": {
+                "200": {"description": "OK", "content": _json({})},
+                "400": _error(400, _NO_QUERY[400]),
+            },
         }
     }
     return {
@@ -617,6 +644,7 @@ def openapi_handler(role: str) -> Callable[[web.Request], Awaitable[web.Response
     """The ``GET /openapi.json`` handler of a server playing ``role``."""
 
     async def openapi(request: web.Request) -> web.Response:
+        check_query(request)
         return web.Response(body=_encoded(role), content_type="application/json")
 
     return openapi

@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
+from yarl import URL
 
 from p2plb.budget import RetryBudget
 from p2plb.errors import NoHealthyIndexer
@@ -193,9 +194,14 @@ class Proxy:
         assert self._session is not None
         token = self.registry.begin(indexer_id)
         started = time.perf_counter()
+        # The path and query exactly as the caller encoded them: rebuilt from
+        # their decoded form, yarl would requote them, turning '%FF' into
+        # U+FFFD, and drop dot segments (/v1/indices/%2E%2E/items would become
+        # /v1/items).
+        url = URL(address + request.rel_url.raw_path_qs, encoded=True)
         try:
             async with self._session.request(
-                request.method, address + request.path_qs, data=body, headers=headers
+                request.method, url, data=body, headers=headers
             ) as upstream:
                 payload = await upstream.read()
                 status = upstream.status

@@ -19,18 +19,19 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from p2plb.errors import RemoteError, RequestError, StorageError
-from p2plb.wire import encode
+from p2plb.wire import check_name, decode_percent, encode, invalid
 
 __all__ = [
     "INDEX",
     "MAX_HEADER_LINE",
     "MAX_REQUEST_LINE",
     "MAX_URL",
+    "check_query",
     "error_middleware",
     "error_response",
+    "index_name",
     "json_response",
     "read_body",
-    "reject_unknown_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 
 #: The path of one index.  It matches an empty name too, so that one gets
-#: ``400 invalid_field`` naming ``name`` rather than ``404 not_found``.
-INDEX = "/v1/indices/{name:[^{}/]*}"
+#: ``400 invalid_field`` naming ``name`` rather than ``404 not_found``, and
+#: braces, which names may hold (aiohttp's default pattern refuses them).
+INDEX = "/v1/indices/{name:[^/]*}"
+_NAME_SEGMENT = INDEX[: INDEX.index("{")].count("/")
 
 #: The longest path and query the application takes; longer gets ``414``.  It
 #: fits the longest request p2plb itself sends: a 256-character name and a
@@ -123,10 +126,55 @@ def _too_large(size: int | None, limit: int) -> RequestError:
     )
 
 
-def reject_unknown_query(request: web.Request, allowed: frozenset[str]) -> None:
-    for key in request.query:
+def index_name(request: web.Request) -> str:
+    """The name in an ``INDEX`` path, decoded strictly from the path as sent.
+
+    aiohttp's own ``match_info`` would take '%FF' as the text "%FF".
+    """
+    segment = request.rel_url.raw_path.split("/")[_NAME_SEGMENT]
+    return check_name(decode_percent(segment, "name"))
+
+
+_NO_QUERY: frozenset[str] = frozenset()
+
+
+def check_query(request: web.Request, allowed: frozenset[str] = _NO_QUERY) -> None:
+    """Refuse a query parameter the route does not take, or one given twice.
+
+    Every route calls this but ``/metrics`` and the messages between p2plb
+    nodes (registering, unregistering, load reports, replication), which
+    ignore what they do not know (design.md "HTTP API").  Taking the first of
+    two values would drop the other without a word: ``DELETE
+    ...?item=b&item=c`` removed only b.  Values must be percent-encoded
+    UTF-8, which ``request.query`` does not check (see ``decode_percent``); it
+    splits the query as done here, so after this it holds exactly what was
+    sent.
+    """
+    seen: set[str] = set()
+    for pair in request.rel_url.raw_query_string.split("&"):
+        if not pair:
+            continue
+        raw_key, _, raw_value = pair.partition("=")
+        key = _query_key(raw_key)
         if key not in allowed:
             raise RequestError(400, "unknown_field", f"{key}: unknown query parameter")
+        if key in seen:
+            raise invalid(key, "given more than once")
+        seen.add(key)
+        decode_percent(_plus_as_space(raw_value), key)
+
+
+def _query_key(raw: str) -> str:
+    """A key decoded; one that is not percent-encoded UTF-8 as it was sent
+    (no route takes such a key, so it is named as unknown)."""
+    try:
+        return decode_percent(_plus_as_space(raw), "query")
+    except RequestError:
+        return raw
+
+
+def _plus_as_space(raw: str) -> str:
+    return raw.replace("+", "%20")
 
 
 @web.middleware

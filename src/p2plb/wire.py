@@ -13,10 +13,11 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import msgspec
 
@@ -33,7 +34,9 @@ __all__ = [
     "check_item",
     "check_items",
     "check_name",
+    "check_whole_number",
     "decode_body",
+    "decode_percent",
     "encode",
     "invalid",
 ]
@@ -45,7 +48,7 @@ MAX_ITEM_BYTES = 4096
 # (and the transaction it becomes) small enough to not stall other writers.
 MAX_BATCH_ITEMS = 10_000
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 T = TypeVar("T")
 
@@ -142,12 +145,16 @@ def check_name(name: str, *, field: str = "name") -> str:
     _check_utf8(name, field)
     if "/" in name:
         raise invalid(field, "must not contain '/'")
-    for char in name:
+    _check_no_control(name, field)
+    return name
+
+
+def _check_no_control(value: str, field: str) -> None:
+    for char in value:
         if unicodedata.category(char) == "Cc":
             raise invalid(
                 field, f"must not contain control characters (found {char!r})"
             )
-    return name
 
 
 def check_item(item: str, *, field: str = "item") -> str:
@@ -177,12 +184,64 @@ def check_items(items: list[str]) -> list[str]:
     return items
 
 
+def decode_percent(raw: str, field: str) -> str:
+    """Percent-decode ``raw`` strictly: every '%' starts an escape, and the bytes
+    are UTF-8 (design.md: names and items are UTF-8).
+
+    aiohttp decodes leniently: in a path '%FF' stays the text "%FF", the same
+    name as '%25FF'; in a query it becomes U+FFFD.  Either way two requests
+    that differ would name the same thing.
+    """
+    bad = _BAD_ESCAPE.search(raw)
+    if bad:
+        escape = raw[bad.start() : bad.start() + 3]
+        raise invalid(
+            field, f"must be percent-encoded UTF-8; {escape!r} is not an escape"
+        )
+    data = unquote_to_bytes(raw.encode("utf-8", "surrogateescape"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        shown = "".join(f"%{byte:02X}" for byte in data[exc.start : exc.end])
+        raise invalid(
+            field, f"must be percent-encoded UTF-8; {shown} does not decode as UTF-8"
+        ) from None
+
+
+_BAD_ESCAPE = re.compile("%(?![0-9A-Fa-f]{2})")
+
+
+def check_whole_number(
+    raw: str, field: str, low: int, high: int, *, unit: str = ""
+) -> int:
+    """A whole number given as text (a query parameter): ASCII digits only.
+
+    ``int()`` alone would also take " 5", "+5", "1_0" and "\u0663" (an Arabic
+    three), and a 5000-digit string would make it raise.
+    """
+    digits = raw.lstrip("0") or "0"
+    if _DIGITS.fullmatch(raw) and len(digits) <= len(str(high)):
+        number = int(digits)
+        if low <= number <= high:
+            return number
+    what = f"a whole number of {unit}" if unit else "a whole number"
+    raise invalid(field, f"must be {what} from {low} to {high}, got {raw!r}")
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def check_indexer_id(value: Any, *, field: str = "id") -> str:
     """An indexer id: 1 to 128 of letters, digits, ``.``, ``_``, ``:``, ``-``."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise invalid(
             field,
             f"must be 1 to 128 of letters, digits, '.', '_', ':', '-'; got {value!r}",
+        )
+    # Tighter than design.md: URLs drop "." and ".." segments (RFC 3986 5.2.4).
+    if value in (".", ".."):
+        raise invalid(
+            field, f"must not be {value!r}, which a URL path drops as a dot segment"
         )
     return value
 
@@ -196,6 +255,10 @@ def check_address(value: Any, *, field: str = "address") -> str:
     if not isinstance(value, str):
         raise invalid(field, f"must be a string like http://host:port, got {value!r}")
     expected = f"must be http://host:port or https://host:port, got {value!r}"
+    # Checked before urlsplit, which silently drops tabs and newlines anywhere
+    # and control characters and spaces in front.
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in value):
+        raise invalid(field, f"{expected}: no spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -212,9 +275,42 @@ def check_address(value: Any, *, field: str = "address") -> str:
     if not 1 <= port <= 65535:
         raise invalid(field, f"{expected}: port must be 1-65535")
     host = parts.hostname.lower()
+    if not _is_host(host):
+        raise invalid(
+            field,
+            f"{expected}: the host must be a DNS name, an IPv4 address or an IPv6 "
+            "address in brackets",
+        )
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme.lower()}://{host}:{port}"
+
+
+# A DNS label: letters, digits and '-' (RFC 1123), and '_', which container and
+# service-discovery names use; never a '-' at either end.
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    """``host`` as urlsplit gives it (lower case, brackets removed)."""
+    if ":" in host:  # only a bracketed host can hold one; urlsplit checked it
+        return _is_ip(host, ipaddress.IPv6Address)
+    labels = host.removesuffix(".").split(".")
+    if labels[-1].isdigit():
+        # No top-level domain is numeric (RFC 3696, section 2): an IPv4 address, or
+        # nothing ("999.1.1.1", "80", "0x7f.1").
+        return _is_ip(host, ipaddress.IPv4Address)
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(
+    host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]
+) -> bool:
+    try:
+        kind(host)
+    except ValueError:
+        return False
+    return True
 
 
 # -- messages between p2plb nodes: unknown fields ignored, "protocol" carried ------
@@ -234,8 +330,10 @@ class RegisterBody(msgspec.Struct):
         check_indexer_id(self.id)
         self.address = check_address(self.address)
         check_capacity(self.capacity)
-        if self.zone is not None and not 1 <= len(self.zone) <= 64:
-            raise invalid("zone", "must be 1 to 64 characters")
+        if self.zone is not None:
+            if not 1 <= len(self.zone) <= 64:
+                raise invalid("zone", "must be 1 to 64 characters")
+            _check_no_control(self.zone, "zone")  # shown in tables and logs
         if self.instance is not None and not 1 <= len(self.instance) <= 128:
             raise invalid("instance", "must be 1 to 128 characters")
         return self
