@@ -10,11 +10,16 @@ import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+import p2plb.client as client_module
 from p2plb import AsyncClient, Client
 from p2plb.errors import NoHealthyIndexer, RequestError, Unreachable, UsageError
+from p2plb.wire import encode
 from procs import Proc, Procs
 
 FAST = ("--report-interval", "0.3s")
@@ -117,6 +122,50 @@ def test_names_and_items_with_reserved_url_characters(procs: Procs, mode: str) -
         assert client.add_to_index(name, items) == 4
         assert client.get_index(name) == sorted(items)
         assert client.list_indices() == [name]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batches_beyond_one_request_go_as_several(procs: Procs, mode: str) -> None:
+    balancer, indexers = cluster(procs, 1)
+    many = [f"item-{n:05d}" for n in range(25_000)]  # 10,000 a request at most
+    large = [f"{n:03d}" + "x" * 4000 for n in range(300)]  # 1.2 MB of JSON
+
+    with Client(balancers=[balancer.url], mode=mode) as client:
+        assert client.add_to_index("many", many) == 25_000
+        assert client.add_to_index("large", large) == 300
+        assert client.get_index("many") == many
+        assert client.get_index("large") == large
+        assert client.remove_from_index("many", many[::2]) == 12_500
+        assert client.get_index("many") == many[1::2]
+        requests = client.stats()["requests"]["i1"]
+
+    # 3 + 3 writes, 25 + 1 pages, 2 removes, 13 pages.
+    assert requests == 6 + 26 + 2 + 13
+
+
+@given(
+    st.lists(
+        st.text(min_size=1, max_size=300).filter(lambda t: "\x00" not in t),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=50, max_value=4000),
+)
+def test_batches_keep_every_item_in_order_within_both_limits(
+    items: list[str], max_items: int, max_bytes: int
+) -> None:
+    with (
+        mock.patch.object(client_module, "MAX_BATCH_ITEMS", max_items),
+        mock.patch.object(client_module, "BATCH_BYTES", max_bytes),
+    ):
+        batches = list(client_module._batches(items))
+
+    assert [item for batch in batches for item in batch] == items
+    for batch in batches:
+        assert 1 <= len(batch) <= max_items
+        size = sum(len(encode(item)) + 1 for item in batch)
+        assert size <= max_bytes or len(batch) == 1
 
 
 async def test_async_client_every_method(procs: Procs) -> None:

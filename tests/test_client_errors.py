@@ -205,9 +205,46 @@ async def test_answers_become_the_matching_exceptions(
 
         with pytest.raises(Timeout) as slow:
             await client.get_index("slow")
-        assert str(slow.value).startswith(f"{where} did not answer within 0.2 s")
+        assert str(slow.value) == (
+            "no indexer answered within 0.2 s (gave up after "
+            f"{fake.url} timed out; {fake.url} timed out)"
+        )
 
         assert await client.get_index("nothing") is None
+
+
+async def test_the_timeout_bounds_the_whole_call_and_a_hung_indexer_costs_half(
+    fakes: Callable[[str, Handler], Awaitable[Fake]],
+) -> None:
+    hung = asyncio.Event()
+
+    async def never(request: web.Request) -> web.Response:
+        await hung.wait()
+        return web.json_response({"indices": []})
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.json_response({"indices": ["songs"]})
+
+    stuck = await fakes("stuck", never)
+    fine = await fakes("fine", quick)
+    loop = asyncio.get_running_loop()
+
+    # Alone, a hung indexer is retried on itself until the deadline, not
+    # retries x timeout (which took 4 s with timeout=1 s).
+    async with AsyncClient(indexers=[stuck.url], retries=3, timeout=1) as client:
+        began = loop.time()
+        with pytest.raises(Timeout) as caught:
+            await client.list_indices()
+        took = loop.time() - began
+    assert str(caught.value).startswith("no indexer answered within 1 s (gave up")
+    assert 0.9 < took < 2.0, took
+
+    # Beside a working one, the call succeeds after half the deadline at most.
+    indexers = [stuck.url, fine.url]
+    for seed in range(4):  # whichever the first pick is
+        async with AsyncClient(indexers=indexers, timeout=2, rng=seed) as client:
+            assert await client.list_indices() == ["songs"]
+    hung.set()
 
 
 async def test_a_refused_connection_is_unreachable() -> None:

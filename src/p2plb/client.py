@@ -18,6 +18,10 @@ Rules of this module:
   indexer after a refusal, reset, timeout, other 5xx, ``503 overloaded`` or
   ``503 replica_behind``, up to ``retries`` times, if the retry budget
   (``p2plb.budget``) allows.  Nothing is retried when no indexer is healthy.
+* ``timeout`` bounds a whole call, retries and fallback included.  An attempt
+  that still leaves room for another gets half of the time left, so a hung
+  indexer (or balancer) costs half the deadline, not all of it, and the call
+  can still succeed elsewhere.
 * Read your writes: every write answer carries a version; the highest seen
   goes out as ``P2PLB-Min-Version`` on every read, by every path.
 * Only errors of ``p2plb.errors`` leave this module, each naming the node at
@@ -36,7 +40,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import quote
@@ -70,9 +74,9 @@ from p2plb.routing import Outcome, RoutingTable, Table, Target
 from p2plb.tls import client_context
 from p2plb.transport import Answer, as_object, count, fetch_table, open_session, send
 from p2plb.wire import (
+    MAX_BATCH_ITEMS,
     check_address,
     check_item,
-    check_items,
     check_name,
     encode,
     invalid,
@@ -81,6 +85,10 @@ from p2plb.wire import (
 __all__ = ["MODES", "AsyncClient"]
 
 logger = logging.getLogger(__name__)
+
+#: JSON bytes of items in one request: half the indexers' default body limit
+#: (1 MiB), leaving room for the envelope and for escapes.
+BATCH_BYTES = 512 * 1024
 
 MODES = ("routed", "proxy")
 _FELL_BACK: Final = object()
@@ -173,16 +181,23 @@ class AsyncClient(AsyncAliases):
     # -- the index API -------------------------------------------------------------
 
     async def add_to_index(self, index: str, item_or_items: str | Sequence[str]) -> int:
-        """Add one item or a batch; returns how many were new."""
-        path, body = _items_request(index, item_or_items, "/items")
-        return count(await self._write(path, body), "added")
+        """Add one item or a batch; returns how many were new.
+
+        A batch too large for one request goes as several, one after another;
+        if one fails, those before it stay applied (adding again is harmless).
+        """
+        path, bodies = _items_requests(index, item_or_items, "/items")
+        return sum([count(await self._write(path, b), "added") for b in bodies])
 
     async def remove_from_index(
         self, index: str, item_or_items: str | Sequence[str]
     ) -> int:
-        """Remove one item or a batch; returns how many were there."""
-        path, body = _items_request(index, item_or_items, "/items/remove")
-        return count(await self._write(path, body), "removed")
+        """Remove one item or a batch; returns how many were there.
+
+        Large batches go as several requests, as with ``add_to_index``.
+        """
+        path, bodies = _items_requests(index, item_or_items, "/items/remove")
+        return sum([count(await self._write(path, b), "removed") for b in bodies])
 
     async def get_index(self, index: str) -> list[str] | None:
         """Every item of ``index``, sorted, following pages to the end; or None."""
@@ -259,14 +274,21 @@ class AsyncClient(AsyncAliases):
         headers = self._headers
         if op == "read" and self._min_version is not None:
             headers = {**headers, MIN_VERSION_HEADER: self._min_version}
+        deadline = time.monotonic() + self.timeout
         if self.mode == "proxy" and not self._balancers.in_fallback:
-            answer = await self._via_balancer(method, path, body, headers)
+            answer = await self._via_balancer(method, path, body, headers, deadline)
             if answer is not _FELL_BACK:
                 return as_object(answer)
-        return as_object(await self._direct(op, method, path, body, headers))
+        answer = await self._direct(op, method, path, body, headers, deadline)
+        return as_object(answer)
 
     async def _via_balancer(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        deadline: float,
     ) -> Any:
         """The balancer's answer, or ``_FELL_BACK`` when no balancer answered."""
         failures: list[str] = []
@@ -274,8 +296,17 @@ class AsyncClient(AsyncAliases):
             retry = 0
             while True:
                 where = f"balancer {url}"
+                # Half the time left: the fallback must still fit after it.
+                seconds = (deadline - time.monotonic()) / 2
+                if seconds <= 0:
+                    raise Timeout(
+                        f"no answer within {self.timeout:g} s: "
+                        + "; ".join(failures or ["the balancers kept answering 503"])
+                    )
                 try:
-                    answer = await self._send(method, url + path, body, headers, where)
+                    answer = await self._send(
+                        method, url + path, body, headers, where, seconds
+                    )
                 except (Unreachable, Timeout) as exc:
                     failures.append(str(exc))
                     logger.info("client.balancer_failed balancer=%s error=%s", url, exc)
@@ -309,6 +340,7 @@ class AsyncClient(AsyncAliases):
         path: str,
         body: bytes | None,
         headers: dict[str, str],
+        deadline: float,
     ) -> Any:
         """Call indexers from the table, retrying another one on a failure."""
         if self._table.source == "none":
@@ -340,16 +372,25 @@ class AsyncClient(AsyncAliases):
                     break
                 self._retries += 1
                 after = retry_after_of(last) if again else None
-                await asyncio.sleep(backoff(attempt, self._rng, retry_after=after))
+                pause = backoff(attempt, self._rng, retry_after=after)
+                if time.monotonic() + pause >= deadline:
+                    attempts.append(f"no time left of {self.timeout:g} s")
+                    break
+                await asyncio.sleep(pause)
 
+            left = deadline - time.monotonic()
+            seconds = left if attempt == self.retries else left / 2
             tried.append(target.id)
             try:
-                return await self._attempt(target, method, path, body, headers)
+                return await self._attempt(target, method, path, body, headers, seconds)
             except RETRYABLE as exc:
                 last = exc
                 attempts.append(f"{target.id} {reason(exc)}")
 
         assert last is not None
+        if isinstance(last, Timeout):
+            # Attempts had parts of the deadline; the caller knows the whole.
+            last = Timeout(f"no indexer answered within {self.timeout:g} s")
         raise gave_up(last, attempts) from last
 
     async def _attempt(
@@ -359,6 +400,7 @@ class AsyncClient(AsyncAliases):
         path: str,
         body: bytes | None,
         headers: dict[str, str],
+        seconds: float,
     ) -> Any:
         where = (
             f"indexer {target.address}"
@@ -370,7 +412,7 @@ class AsyncClient(AsyncAliases):
         load = service = None
         try:
             answer = await self._send(
-                method, target.address + path, body, headers, where
+                method, target.address + path, body, headers, where, seconds
             )
             load, service = answer.load(), answer.service()
             if answer.status < 400:
@@ -396,10 +438,14 @@ class AsyncClient(AsyncAliases):
         body: bytes | None,
         headers: dict[str, str],
         where: str,
+        seconds: float,
     ) -> Answer:
         assert self._session is not None
+        limit = aiohttp.ClientTimeout(
+            total=seconds, connect=min(seconds, self.connect_timeout)
+        )
         return await send(
-            self._session, method, url, body, headers, where, self.timeout
+            self._session, method, url, body, headers, where, self.timeout, limit
         )
 
     # -- balancers, the table and fallback ----------------------------------------
@@ -455,12 +501,12 @@ def _index_path(index: object) -> str:
     return f"/v1/indices/{_segment(index)}"
 
 
-def _items_request(
+def _items_requests(
     index: str, item_or_items: str | Sequence[str], suffix: str
-) -> tuple[str, bytes]:
+) -> tuple[str, list[bytes]]:
     path = _index_path(index) + suffix
     if isinstance(item_or_items, str):
-        return path, encode({"item": check_item(item_or_items)})
+        return path, [encode({"item": check_item(item_or_items)})]
     if isinstance(item_or_items, bytes | bytearray):
         raise invalid("item", "must be a str, got bytes; decode it first")
     if not isinstance(item_or_items, Iterable):
@@ -469,10 +515,28 @@ def _items_request(
             f"must be a str or a list of str, got {type(item_or_items).__name__}",
         )
     items = list(item_or_items)
+    if not items:
+        raise invalid("items", "must hold at least one item")
     for item in items:
         if not isinstance(item, str):
             raise invalid("items", f"must be strings, got {type(item).__name__}")
-    return path, encode({"items": check_items(items)})
+        check_item(item, field="items")
+    return path, [encode({"items": chunk}) for chunk in _batches(items)]
+
+
+def _batches(items: list[str]) -> Iterator[list[str]]:
+    """``items`` in runs that each fit one request at any indexer's defaults:
+    at most ``MAX_BATCH_ITEMS`` items and about ``BATCH_BYTES`` of JSON."""
+    start, size = 0, 0
+    for end, item in enumerate(items):
+        cost = len(encode(item)) + 1  # as JSON, with its comma
+        if end > start and (
+            end - start == MAX_BATCH_ITEMS or size + cost > BATCH_BYTES
+        ):
+            yield items[start:end]
+            start, size = end, 0
+        size += cost
+    yield items[start:]
 
 
 def _is_version(text: str) -> bool:

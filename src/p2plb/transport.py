@@ -114,7 +114,7 @@ async def send(
             return Answer(response.status, raw, response.headers, where)
     except TimeoutError as exc:
         seconds = (limit.total if limit else None) or session_timeout
-        raise Timeout(f"{where} did not answer within {seconds:g} s") from exc
+        raise Timeout(f"{where} did not answer within {round(seconds, 2):g} s") from exc
     except aiohttp.ClientError as exc:
         raise Unreachable(f"{where}: {describe(exc)}") from exc
 
