@@ -16,6 +16,7 @@ from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.registry import Registry
+from p2plb.wire import MAX_COUNT
 
 
 class FakeClock:
@@ -180,6 +181,36 @@ def test_served_counter_deltas_and_reset(clock: FakeClock) -> None:
 
     registry.unregister("i1")
     assert registry.total_requests == 175  # totals never go down
+
+
+def test_no_figure_out_of_the_api_bounds_is_ever_stored(clock: FakeClock) -> None:
+    # A load past 64 bits once overflowed status, metrics and routing alike.
+    registry = make(clock)
+    add(registry, "i1")
+    big = MAX_COUNT + 1
+    assert error_of(registry.report, "i1", big, "serving") == (
+        400,
+        "invalid_field",
+        f"load: must be an integer from 0 to {MAX_COUNT}, got {big}",
+    )
+    assert error_of(registry.report, "i1", 0, "serving", served=big)[2] == (
+        f"served: must be an integer from 0 to {MAX_COUNT}, got {big}"
+    )
+    assert error_of(registry.register, "i2", addr(9), 10**30)[2] == (
+        f"capacity: must be an integer from 1 to 1000000, got {10**30}"
+    )
+    for load, capacity in ((10**400, 10), (big, 10), (-1, 10), (1, 0), (1, 10**6 + 1)):
+        registry.observe_load("i1", load, capacity)
+    entry = registry.get("i1")
+    assert entry is not None
+    assert (entry.reported_load, entry.capacity, len(registry)) == (0, 10, 1)
+
+    # Counters saturate rather than leave the bounds a state file is held to.
+    registry.report("i1", 0, "serving", served=MAX_COUNT)
+    registry.report("i1", 0, "serving", served=0)  # restarted
+    registry.report("i1", 0, "serving", served=MAX_COUNT)
+    assert (entry.requests, registry.total_requests) == (MAX_COUNT, MAX_COUNT)
+    make(clock).restore(json.loads(json.dumps(registry.snapshot())))
 
 
 # health through the registry ---------------------------------------------------------

@@ -32,9 +32,8 @@ from p2plb.errors import ConfigError, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.openapi import openapi_handler
-from p2plb.proxy import LOAD_HEADER, Proxy, parse_load_header
+from p2plb.proxy import Proxy
 from p2plb.registry import Entry, Registry
-from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.state import StateFileError, load_state, save_state, set_aside
 from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
@@ -232,11 +231,8 @@ class Balancer:
         try:
             async with self._probe_session.get(f"{entry.address}/healthz") as response:
                 await response.read()
-                parsed = parse_load_header(response.headers.get(LOAD_HEADER))
-                service = parse_service_header(response.headers.get(SERVICE_HEADER))
-                if parsed is not None and response.status == 200:
-                    self.registry.observe_load(entry.id, *parsed, service)
                 if response.status == 200:
+                    self.proxy.note_load(entry.id, response.headers)
                     return True, "probe ok"
                 return False, f"probe answered HTTP {response.status}"
         except TimeoutError:

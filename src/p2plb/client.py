@@ -64,11 +64,19 @@ from p2plb.errors import (
     UsageError,
 )
 from p2plb.fallback import Balancers
-from p2plb.hlc import parse_version
+from p2plb.hlc import is_version
 from p2plb.proxy import INDEXER_HEADER, MIN_VERSION_HEADER
 from p2plb.routing import Outcome, RoutingTable, Table, Target
 from p2plb.tls import client_context
-from p2plb.transport import Answer, as_object, count, fetch_table, open_session, send
+from p2plb.transport import (
+    Answer,
+    as_object,
+    count,
+    fetch_table,
+    open_session,
+    send,
+    strings,
+)
 from p2plb.wire import (
     check_address,
     check_item,
@@ -199,20 +207,22 @@ class AsyncClient(AsyncAliases):
                 if exc.code != "index_not_found":
                     raise
                 return items or None  # emptied between two pages: what was read
-            found, after = page.get("items"), page.get("next")
-            if not isinstance(found, list) or not isinstance(after, str | None):
-                raise Unreachable(f"an index page without items or next: {page!r}")
+            found, cursor = strings(page, "items"), page.get("next")
+            # Pages are sorted: a cursor that does not move forward would
+            # have this loop ask for the same page for ever.
+            if not isinstance(cursor, str | None) or (
+                cursor is not None and after is not None and cursor <= after
+            ):
+                raise Unreachable(f"an index page with a bad next: {page!r:.200}")
             items.extend(found)
-            if after is None:
+            if cursor is None:
                 return items
+            after = cursor
 
     async def list_indices(self) -> list[str]:
         """The sorted names of the indices that have items."""
         answer = await self._call("read", "GET", "/v1/indices")
-        names = answer.get("indices")
-        if not isinstance(names, list):
-            raise Unreachable(f"a list of indices without indices: {answer!r}")
-        return names
+        return strings(answer, "indices")
 
     async def set_load_balancer(self, url: str | Sequence[str]) -> None:
         """Replace the balancers (one URL or several) and fetch a table from them."""
@@ -247,7 +257,7 @@ class AsyncClient(AsyncAliases):
         answer = await self._call("write", "POST", path, body)
         version = answer.get("version")
         newer = self._min_version is None or str(version) > self._min_version
-        if isinstance(version, str) and newer and _is_version(version):
+        if isinstance(version, str) and newer and is_version(version):
             self._min_version = version
         return answer
 
@@ -473,14 +483,6 @@ def _items_request(
         if not isinstance(item, str):
             raise invalid("items", f"must be strings, got {type(item).__name__}")
     return path, encode({"items": check_items(items)})
-
-
-def _is_version(text: str) -> bool:
-    try:
-        parse_version(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _quote(text: str) -> str:

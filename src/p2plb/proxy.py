@@ -19,7 +19,9 @@ Rules of this module:
 * A truncated answer is never passed on as a success: the body is read whole
   before the status is sent back.
 * Each answer's ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers update the
-  registry's view of that indexer, which is fresher than its last report.
+  registry's view of that indexer, which is fresher than its last report.  What
+  an indexer sends is never trusted to be well formed: a malformed header is
+  ignored, a body that does not decode is no error code and no version.
 
 Known shortcoming: the proxy runs in one Python process, about 0.3-0.5x
 HAProxy's requests per second on two cores (aiohttp's client is a third of
@@ -30,8 +32,9 @@ balancer processes behind SO_REUSEPORT would scale it further.
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
@@ -43,9 +46,11 @@ from yarl import URL
 
 from p2plb.budget import RetryBudget
 from p2plb.errors import NoHealthyIndexer
+from p2plb.hlc import is_version
 from p2plb.registry import Registry
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.web import read_body
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT
 
 __all__ = ["LOAD_HEADER", "MIN_VERSION_HEADER", "Proxy", "parse_load_header"]
 
@@ -62,15 +67,25 @@ _LOAD_SIGNALS = frozenset({"overloaded", "replica_behind", "insufficient_replica
 _PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER, SERVICE_HEADER)
 
 
+# ASCII digits only: ``str.isdigit`` and ``int`` also take "²" and "١٢", and
+# an unbounded figure overflowed the float arithmetic of the strategies.
+_LOAD = re.compile(r"([0-9]{1,19})/([0-9]{1,7})")
+
+
 def parse_load_header(value: str | None) -> tuple[int, int] | None:
-    """``"12/64"`` -> ``(12, 64)``; ``None`` for anything malformed."""
-    if not value:
+    """``"12/64"`` -> ``(12, 64)``; ``None`` for anything malformed.
+
+    Load and capacity must lie within the bounds a load report and a
+    registration are held to (``MAX_COUNT``, ``MAX_CAPACITY``); whatever an
+    indexer writes there, this never raises.
+    """
+    match = None if value is None else _LOAD.fullmatch(value)
+    if match is None:
         return None
-    load, _, capacity = value.partition("/")
-    if not (load.isdigit() and capacity.isdigit()):
+    load, capacity = int(match[1]), int(match[2])
+    if load > MAX_COUNT or not 1 <= capacity <= MAX_CAPACITY:
         return None
-    parsed = (int(load), int(capacity))
-    return parsed if parsed[1] >= 1 else None
+    return load, capacity
 
 
 class Proxy:
@@ -98,6 +113,7 @@ class Proxy:
         self.budget = budget or RetryBudget(clock=time.monotonic)
         self.budget_refusals = 0  # retries refused for want of budget
         self.versions = _Versions()
+        self._told = _Once()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -231,7 +247,7 @@ class Proxy:
 
         # Health counts only what says the indexer is broken: a 503 for load or
         # a 4xx for a bad request is the indexer working as designed.
-        self._note_load(indexer_id, passed.get(LOAD_HEADER), passed.get(SERVICE_HEADER))
+        self.note_load(indexer_id, passed)
         load_signal = status == 503 and _error_code(payload) in _LOAD_SIGNALS
         broken = status >= 500 and not load_signal
         detail = f"HTTP {status}" if broken else ""
@@ -243,13 +259,31 @@ class Proxy:
         answer = web.Response(body=payload, status=status, headers=passed)
         return answer, status < 500
 
-    def _note_load(
-        self, indexer_id: str, load: str | None, service: str | None
-    ) -> None:
+    def note_load(self, indexer_id: str, headers: Mapping[str, str]) -> None:
+        """The ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers of an indexer's
+        answer (proxied, or to a probe): fresher than its last report.
+
+        A malformed header is ignored, and said at DEBUG once per indexer: the
+        indexer's reports still carry its load.
+        """
+        load, service = headers.get(LOAD_HEADER), headers.get(SERVICE_HEADER)
         parsed = parse_load_header(load)
-        if parsed is not None:
-            self.registry.observe_load(
-                indexer_id, *parsed, parse_service_header(service)
+        if parsed is None:
+            if load is not None:
+                self._malformed(indexer_id, LOAD_HEADER, load)
+            return
+        seconds = parse_service_header(service)
+        if seconds is None and service is not None:
+            self._malformed(indexer_id, SERVICE_HEADER, service)
+        self.registry.observe_load(indexer_id, *parsed, seconds)
+
+    def _malformed(self, indexer_id: str, header: str, value: str) -> None:
+        if self._told.first((indexer_id, header)):
+            logger.debug(
+                "proxy.malformed_header indexer=%s header=%s value=%.60r; ignored",
+                indexer_id,
+                header,
+                value,
             )
 
 
@@ -268,11 +302,17 @@ def _refused(exc: BaseException) -> bool:
     )
 
 
-def _error_code(payload: bytes) -> str | None:
+def _decoded(payload: bytes) -> Any:
+    """An indexer's answer as JSON, or ``None``: whatever it sent, no exception
+    (msgspec raises ``RecursionError`` on deep nesting)."""
     try:
-        document: Any = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+        return msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
         return None
+
+
+def _error_code(payload: bytes) -> str | None:
+    document = _decoded(payload)
     if isinstance(document, dict) and isinstance(document.get("error"), dict):
         code = document["error"].get("code")
         return code if isinstance(code, str) else None
@@ -291,6 +331,26 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _Once:
+    """Whether something was said already, per key, in bounded memory.
+
+    Past ``limit`` keys it forgets them all and says each once more: a few
+    repeated lines, rather than memory that grows with every indexer ever seen.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: set[Hashable] = set()
+
+    def first(self, key: Hashable) -> bool:
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+
 class _Versions:
     """The newest version acknowledged per index, in bounded memory.
 
@@ -306,11 +366,11 @@ class _Versions:
         self.overall = ""
 
     def acknowledged(self, index: str, body: Any) -> None:
-        try:
-            version = msgspec.json.decode(body).get("version")
-        except (msgspec.DecodeError, AttributeError):
-            return
-        if not isinstance(version, str):
+        document = _decoded(body)
+        version = document.get("version") if isinstance(document, dict) else None
+        if not is_version(version):
+            # Kept, a malformed version would go out on every later read as
+            # P2PLB-Min-Version, which no indexer could ever satisfy.
             return
         if version > self.newest.get(index, ""):
             self.newest.pop(index, None)
