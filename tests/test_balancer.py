@@ -336,6 +336,36 @@ async def test_metrics_take_any_query_parameters(
         assert "p2plb_" in await answer.text()
 
 
+async def test_a_replaced_indexer_that_stops_leaves_its_replacement(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # No tokens: the instance of a DELETE was once checked only with them, and
+    # the replaced process removed its replacement's entry as it stopped.
+    balancer = procs.balancer()
+    quiet = ("--balancer", balancer.url, "--report-interval", "1h")
+    old = procs.indexer("mv", *quiet, "--drain-period", "0.1s", name="mv-a")
+
+    async def listed() -> list[tuple[str, str]]:
+        body = (await request(http, "GET", f"{balancer.url}/v1/indexers"))[1]
+        return [(row["id"], row["address"]) for row in body["indexers"]]
+
+    async def at(url: str) -> bool:
+        return await listed() == [("mv", url)]
+
+    await eventually(lambda: at(old.url))
+    new = procs.indexer("mv", *quiet, name="mv-b")
+    await eventually(lambda: at(new.url))
+
+    assert old.stop() == 0  # before its next report could tell it
+    old.wait_for(r"reporter\.(unregistered|unregister_superseded) ")
+    assert await listed() == [("mv", new.url)]
+    old.wait_for(r"reporter\.unregister_superseded balancer=\S+ id=mv: ")
+    balancer.wait_for(
+        r"indexer\.unregister_refused id=mv instance=\S+ reason=superseded"
+    )
+    assert "indexer.unregistered id=mv" not in balancer.log()
+
+
 async def test_kill_9_leaves_rotation_within_the_probe_window(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

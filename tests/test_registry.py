@@ -137,6 +137,28 @@ def test_a_new_process_replaces_the_entry_and_the_old_one_is_superseded(
     assert error_of(registry.report, "i1", 1, "serving", instance="third")[0] == 404
 
 
+def test_a_replaced_process_cannot_unregister_its_replacement(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock)
+    registry.register("mv", addr(7401), 10, instance="a")
+    moved, _ = registry.register("mv", addr(7402), 10, instance="b")
+
+    assert error_of(registry.unregister, "mv", "a") == (
+        409,
+        "superseded",
+        "id: indexer 'mv' (instance a) was replaced by a newer registration at "
+        f"{addr(7402)}; this process must stop reporting",
+    )
+    assert registry.get("mv") is moved
+    assert registry.unregister("mv", "b") is moved  # itself
+    again, _ = registry.register("mv", addr(7402), 10, instance="b")
+    assert registry.unregister("mv") is again  # an admin: no instance
+    registry.register("mv", addr(7403), 10)  # an entry that never said one
+    assert registry.unregister("mv", "c").address == addr(7403)
+    assert len(registry) == 0
+
+
 def test_unknown_ids_are_404(clock: FakeClock) -> None:
     registry = make(clock)
     expected = (404, "indexer_not_found", "id: no indexer 'x' is registered")

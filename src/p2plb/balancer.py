@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 _ROUTE_QUERY = frozenset({"index", "op"})
 _LIST_QUERY = frozenset({"members_since"})
 _OPS = ("read", "write")
+#: Sent by an indexer that removes itself: which process of its id it is.
+INSTANCE_HEADER = "P2PLB-Instance"
 
 
 class Balancer:
@@ -339,18 +341,29 @@ class Balancer:
         # learns nothing, not even which ids are well formed.
         role = self._cluster(request)
         indexer_id = check_indexer_id(request.match_info["id"])
+        instance = request.headers.get(INSTANCE_HEADER) or None
         if role == "cluster" and self.config.cluster_token:
             # With the cluster token an indexer may remove itself only: it
             # proves which one it is by the instance it registered with.
             entry = self.registry.get(indexer_id)
-            instance = request.headers.get("P2PLB-Instance")
-            if entry is not None and (not instance or instance != entry.instance):
+            if entry is not None and (instance is None or entry.instance is None):
                 raise RequestError(
                     403,
                     "wrong_token",
                     "Authorization: removing another indexer needs the admin token",
                 )
-        entry = self.registry.unregister(indexer_id)
+
+        try:
+            entry = self.registry.unregister(indexer_id, instance)
+        except RequestError as exc:
+            if exc.code == "superseded":
+                logger.info(
+                    "indexer.unregister_refused id=%s instance=%s reason=superseded",
+                    indexer_id,
+                    instance,
+                )
+            raise
+
         logger.info("indexer.unregistered id=%s address=%s", entry.id, entry.address)
         return web.Response(status=204)
 

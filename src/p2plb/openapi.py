@@ -289,6 +289,13 @@ _MIN_VERSION = _param(
     {"type": "string", "pattern": "^[0-9a-fA-F]{16}$"},
     "Serve only from a replica that has caught up to this version.",
 )
+_INSTANCE = _param(
+    "P2PLB-Instance",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 128},
+    "The instance an indexer removing itself registered with; a replaced one "
+    "gets 409 superseded and removes nothing.",
+)
 _LIMIT = _param(
     "limit",
     "query",
@@ -483,9 +490,9 @@ def _balancer_paths() -> dict[str, Any]:
                 _merge(
                     {400: ("invalid_field",)},
                     _TOKEN_ERRORS,
-                    {404: ("indexer_not_found",)},
+                    {404: ("indexer_not_found",), 409: ("superseded",)},
                 ),
-                params=(_ID_PARAM,),
+                params=(_ID_PARAM, _INSTANCE),
                 security=_CLUSTER,
             )
         },

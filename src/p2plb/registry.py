@@ -229,11 +229,18 @@ class Registry:
         self._sync(entry)
         return entry, old is None
 
-    def unregister(self, id: str) -> Entry:
-        """Remove an indexer; ``404 indexer_not_found`` if it is not registered."""
+    def unregister(self, id: str, instance: str | None = None) -> Entry:
+        """Remove an indexer; ``404 indexer_not_found`` if it is not registered.
+
+        ``instance`` is the sender's, when an indexer removes itself: a process
+        that was replaced (another instance) gets ``409 superseded`` and
+        removes nothing, for the entry it would remove is its replacement's.
+        """
         entry = self._entries.get(id)
         if entry is None:
             raise _not_found(id)
+        if not _same_process(entry, None, instance):
+            raise _superseded(id, entry, None, instance)
         self._leave(entry)
         del self._entries[id]
         return entry
