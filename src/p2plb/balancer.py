@@ -532,11 +532,12 @@ async def run_balancer(config: BalancerConfig) -> None:
     async def started() -> None:
         await balancer.start()
         logger.info(
-            "balancer.started url=%s strategy=%s state_file=%s indexers=%d",
+            "balancer.started url=%s strategy=%s state_file=%s indexers=%d instance=%s",
             listener.url,
             balancer.registry.strategy,
             config.state_file,
             len(balancer.registry),
+            balancer.proxy.via,
         )
 
     async def stopped() -> None:

@@ -15,9 +15,10 @@ Rules of this module:
   ``indexers`` given; the background task probes the balancers with jittered
   exponential backoff and the client returns to the first that answers.
 * Index operations are idempotent, so a failed attempt is retried on another
-  indexer after a refusal, reset, timeout, other 5xx, ``503 overloaded`` or
-  ``503 replica_behind``, up to ``retries`` times, if the retry budget
-  (``p2plb.budget``) allows.  Nothing is retried when no indexer is healthy.
+  indexer after a refusal, reset, timeout, other 5xx (``508 loop_detected``
+  included), ``503 overloaded`` or ``503 replica_behind``, up to ``retries``
+  times, if the retry budget (``p2plb.budget``) allows.  Nothing is retried
+  when no indexer is healthy.
 * Read your writes: every write answer carries a version; the highest seen
   goes out as ``P2PLB-Min-Version`` on every read, by every path.
 * Only errors of ``p2plb.errors`` leave this module, each naming the node at
@@ -54,6 +55,7 @@ from p2plb.budget import (
 )
 from p2plb.errors import (
     ConfigError,
+    LoopDetected,
     NoHealthyIndexer,
     Overloaded,
     P2PLBError,
@@ -390,7 +392,7 @@ class AsyncClient(AsyncAliases):
             error = answer.error()
             if isinstance(error, RequestError):
                 outcome = "ok"  # the indexer works; the request was wrong
-            elif error.__class__ is not Unreachable:
+            elif not isinstance(error, Unreachable | LoopDetected):
                 outcome = "busy"  # a 503 with a code: a load signal, not a fault
             raise error
         except asyncio.CancelledError:

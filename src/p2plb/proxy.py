@@ -18,6 +18,12 @@ Rules of this module:
   reads while the budget is spent).
 * A truncated answer is never passed on as a success: the body is read whole
   before the status is sent back.
+* Every forwarded request carries ``P2PLB-Via`` (this balancer's instance),
+  and a request that carries it is refused with ``508 loop_detected``:
+  indexers never forward, so it can only have come back because an indexer
+  entry holds a balancer's address (its own address once made one request
+  about 257 nested hops, until the connection pool ran out).  The 508 is a
+  failure of that entry, like a 5xx, and the request goes to another.
 * Each answer's ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers update the
   registry's view of that indexer, which is fresher than its last report.  What
   an indexer sends is never trusted to be well formed: a malformed header is
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -45,20 +52,27 @@ from aiohttp import web
 from yarl import URL
 
 from p2plb.budget import RetryBudget
-from p2plb.errors import NoHealthyIndexer
+from p2plb.errors import LoopDetected, NoHealthyIndexer
 from p2plb.hlc import is_version
 from p2plb.registry import Registry
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.web import read_body
 from p2plb.wire import MAX_CAPACITY, MAX_COUNT
 
-__all__ = ["LOAD_HEADER", "MIN_VERSION_HEADER", "Proxy", "parse_load_header"]
+__all__ = [
+    "LOAD_HEADER",
+    "MIN_VERSION_HEADER",
+    "VIA_HEADER",
+    "Proxy",
+    "parse_load_header",
+]
 
 logger = logging.getLogger(__name__)
 
 LOAD_HEADER = "P2PLB-Load"
 MIN_VERSION_HEADER = "P2PLB-Min-Version"
 INDEXER_HEADER = "P2PLB-Indexer"
+VIA_HEADER = "P2PLB-Via"
 
 # Answers that say "try another indexer" without saying this one is broken:
 # load signals, and a write this indexer took but could not copy to a peer
@@ -101,8 +115,10 @@ class Proxy:
         observe: Callable[[str, float, bool], None] | None = None,
         ssl: SSLContext | None = None,
         budget: RetryBudget | None = None,
+        via: str = "",
     ) -> None:
         self.registry = registry
+        self.via = via or secrets.token_hex(8)  # names this balancer's requests
         self._ssl = ssl
         self.timeout = timeout
         self.retries = retries
@@ -143,13 +159,15 @@ class Proxy:
     async def forward(self, request: web.Request, *, op: str) -> web.Response:
         """Send ``request`` to an indexer, failing over up to ``retries`` times
         while the retry budget allows."""
+        self._refuse_forwarded(request)
         body = (
             await read_body(request, self.max_body_size, self.body_timeout)
             if request.can_read_body
             else b""
         )
         headers = {
-            "Content-Type": request.headers.get("Content-Type", "application/json")
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            VIA_HEADER: self.via,
         }
         index = request.match_info.get("name")
         if op == "read":
@@ -196,6 +214,23 @@ class Proxy:
             raise NoHealthyIndexer(self.registry.describe_none(op))
         raise NoHealthyIndexer(
             "no healthy indexer could serve the request; tried " + ", ".join(failures)
+        )
+
+    def _refuse_forwarded(self, request: web.Request) -> None:
+        """``508 loop_detected`` for a request a balancer forwarded here."""
+        via = request.headers.get(VIA_HEADER)
+        if via is None:
+            return
+        if via == self.via:
+            raise LoopDetected(
+                f"{VIA_HEADER}: this balancer (instance {self.via}) forwarded this "
+                "request to itself: an indexer registered here has this "
+                "balancer's address; remove that entry"
+            )
+        raise LoopDetected(
+            f"{VIA_HEADER}: balancer instance {via!r:.40} forwarded this request to "
+            f"this balancer (instance {self.via}), which is no indexer: remove the "
+            "entry with this balancer's address from that one"
         )
 
     async def _attempt(
@@ -248,9 +283,19 @@ class Proxy:
         # Health counts only what says the indexer is broken: a 503 for load or
         # a 4xx for a bad request is the indexer working as designed.
         self.note_load(indexer_id, passed)
-        load_signal = status == 503 and _error_code(payload) in _LOAD_SIGNALS
+        code = _error_code(payload) if status in (503, 508) else None
+        load_signal = status == 503 and code in _LOAD_SIGNALS
         broken = status >= 500 and not load_signal
         detail = f"HTTP {status}" if broken else ""
+        if status == 508 and code == LoopDetected.code:
+            detail = "loop detected: that address is a p2plb balancer"
+            if self._told.first((indexer_id, address, LoopDetected.code)):
+                logger.warning(
+                    "proxy.loop_detected indexer=%s address=%s: a balancer, not "
+                    "an indexer; remove this entry",
+                    indexer_id,
+                    address,
+                )
         self.registry.finish(token, ok=not broken, latency_s=elapsed, detail=detail)
         if self.observe is not None:
             self.observe(indexer_id, elapsed, not broken)
