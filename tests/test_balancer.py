@@ -520,31 +520,82 @@ async def test_restart_restores_registry_strategy_and_counters(
     assert [r["id"] for r in after["indexers"]] == [r["id"] for r in before["indexers"]]
 
 
-CORRUPT = {
-    "empty": b"",
-    "truncated": b'{"format": 1, "saved_at": 1.0, "registry": {"strat',
-    "nul-filled": b"\x00" * 4096,
-    "wrong-shape-list": b"[1, 2, 3]",
-    "wrong-shape-registry": b'{"format": 1, "registry": {"indexers": "nope"}}',
-    "unhashable-strategy": b'{"format": 1, "registry": {"version": 1, "strategy": '
-    b'[], "total_requests": 0, "routed_requests": 0, "indexers": []}}',
+def state_file(**changes: Any) -> bytes:
+    """A sound state file holding one indexer, but for ``changes`` (to the
+    file's top, the registry or its row, wherever the key is)."""
+    row = {"id": "i1", "address": "http://127.0.0.1:9", "capacity": 4,
+           "zone": None, "instance": None, "state": "serving",
+           "reported_load": 0, "requests": 0, "routed": 0, "errors": 0,
+           "served": None}  # fmt: skip
+    registry = {"version": 1, "strategy": "least_load", "total_requests": 0,
+                "routed_requests": 0, "indexers": [row]}  # fmt: skip
+    document = {"format": 1, "saved_at": 1.0, "registry": registry}
+    for key, value in changes.items():
+        holder = next(h for h in (document, registry, row) if key in h)
+        holder[key] = value
+    return json.dumps(document).encode()
+
+
+BIG = 10**400
+# Each with the reason the balancer gives; None: whatever the parser says.
+CORRUPT: dict[str, tuple[bytes, str | None]] = {
+    "empty": (b"", "empty (0 bytes, no content)"),
+    "truncated": (b'{"format": 1, "saved_at": 1.0, "registry": {"strat', None),
+    "nul-filled": (b"\x00" * 4096, "empty (4096 bytes, no content)"),
+    "wrong-shape-list": (b"[1, 2, 3]", "expected a JSON object, got list"),
+    "wrong-shape-registry": (
+        b'{"format": 1, "registry": {"indexers": "nope"}}',
+        "snapshot: missing routed_requests, strategy, total_requests, version",
+    ),
+    "unhashable-strategy": (
+        b'{"format": 1, "registry": {"version": 1, "strategy": [], '
+        b'"total_requests": 0, "routed_requests": 0, "indexers": []}}',
+        "snapshot.strategy: unknown strategy []",
+    ),
+    "nested-too-deeply": (
+        b"[" * 100_000 + b"]" * 100_000,
+        "not valid JSON (nested too deeply)",
+    ),
+    # Out of the API's bounds: once restored, and status and metrics then
+    # answered 500 for as long as each save wrote the value back.
+    "format-true": (state_file(format=True), "unknown format True"),
+    "load-past-64-bits": (
+        state_file(reported_load=BIG),
+        "snapshot.indexers[0].reported_load: expected an integer from 0 to "
+        f"9223372036854775807, got {BIG}",
+    ),
+    "capacity-past-the-api": (
+        state_file(capacity=10**30),
+        "snapshot.indexers[0].capacity: must be an integer from 1 to 1000000, "
+        f"got {10**30}",
+    ),
+    "total-past-64-bits": (
+        state_file(total_requests=BIG),
+        f"snapshot.total_requests: expected an integer from 0 to "
+        f"9223372036854775807, got {BIG}",
+    ),
 }
 
 
-@pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT.keys())
+@pytest.mark.parametrize(("content", "reason"), CORRUPT.values(), ids=CORRUPT.keys())
 async def test_corrupt_state_file_is_set_aside(
-    procs: Procs, http: aiohttp.ClientSession, content: bytes
+    procs: Procs, http: aiohttp.ClientSession, content: bytes, reason: str | None
 ) -> None:
     state = procs.workdir / "balancer-state.json"
     state.write_bytes(content)
 
     balancer = procs.balancer()
 
-    balancer.wait_for(r"state\.corrupt path=\S+ reason=.* moved_to=\S+; starting empty")
+    said = re.escape(reason) if reason else ".*"
+    balancer.wait_for(
+        rf"state\.corrupt path=\S+ reason={said} moved_to=\S+; starting empty\n"
+    )
     aside = list(procs.workdir.glob("balancer-state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert (await request(http, "GET", f"{balancer.url}/healthz"))[0] == 200
     assert (await status_of(http, balancer))["total_indexers"] == 0
+    async with http.get(f"{balancer.url}/metrics") as response:
+        assert response.status == 200
     assert balancer.stop() == 0
     saved = json.loads(state.read_text())  # a clean save replaced it
     assert saved["format"] == 1

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import HealthChange, HealthPolicy
+from p2plb.metrics import Metrics
 from p2plb.registry import Registry
-from p2plb.wire import MAX_COUNT
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT
 
 
 class FakeClock:
@@ -564,6 +565,11 @@ def _mutations() -> list[tuple[str, Any]]:
         ("served negative", row("served", -1)),
         ("missing errors", lambda s: s["indexers"][0].pop("errors")),
         ("duplicate id", lambda s: s["indexers"].append(dict(s["indexers"][0]))),
+        ("load past 64 bits", row("reported_load", 10**400)),
+        ("capacity past the API's", row("capacity", 10**30)),
+        ("total past 64 bits", lambda s: s.__setitem__("total_requests", 10**400)),
+        ("requests as bool", row("requests", True)),
+        ("zone too long", row("zone", "z" * 65)),
     ]
 
 
@@ -582,8 +588,17 @@ def test_restore_rejects_wrong_shapes(clock: FakeClock, case: str, mutate: Any) 
     assert [e.id for e in target.entries()] == ["keep"]  # nothing changed
 
 
+# Numbers at and past every bound the API holds a figure to, beside any JSON.
+_BOUNDS = st.sampled_from(
+    [-1, 0, 1, MAX_CAPACITY, MAX_CAPACITY + 1, MAX_COUNT, MAX_COUNT + 1, 10**400]
+)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | _BOUNDS
+    | st.floats()
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3)
         | st.dictionaries(st.text(max_size=8), inner, max_size=3)
@@ -592,12 +607,14 @@ _JSON = st.recursive(
 )
 
 
-@given(path=st.integers(0, 1_000), value=_JSON)
+@given(path=st.integers(0, 1_000), value=_BOUNDS | _JSON)
 @settings(max_examples=300, deadline=None)
 def test_any_field_of_any_json_type_is_a_value_error(path: int, value: Any) -> None:
     # A state file is JSON: whatever a field holds instead of what belongs
     # there, restoring refuses with the ValueError the balancer sets aside
-    # (an unhashable strategy once crashed it at every start).
+    # (an unhashable strategy once crashed it at every start), or restores a
+    # registry that status, metrics and the next save can all show (a load
+    # past 64 bits once made them fail for as long as it was saved again).
     clock = FakeClock()
     snapshot = populated(clock).snapshot()
     fields: list[tuple[Any, Any]] = [(snapshot, key) for key in snapshot]
@@ -612,6 +629,34 @@ def test_any_field_of_any_json_type_is_a_value_error(path: int, value: Any) -> N
         target.restore(snapshot)
     except ValueError:
         assert [e.id for e in target.entries()] == ["keep"]
+        return
+    target.status()
+    target.routing_table()
+    Metrics(target).render()
+    make(clock).restore(json.loads(json.dumps(target.snapshot())))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("reported_load", 10**400, f"expected an integer from 0 to {MAX_COUNT}, got "),
+        ("capacity", 10**6 + 1, "must be an integer from 1 to 1000000, got 1000001"),
+        ("capacity", True, "expected an integer, got True"),
+        ("errors", False, f"expected an integer from 0 to {MAX_COUNT}, got False"),
+        ("served", MAX_COUNT + 1, f"expected an integer from 0 to {MAX_COUNT}, got "),
+        ("zone", "", "must be 1 to 64 characters"),
+        ("instance", "i" * 129, "must be 1 to 128 characters"),
+    ],
+)
+def test_restore_holds_rows_to_the_bounds_of_the_api(
+    clock: FakeClock, where: str, value: Any, message: str
+) -> None:
+    snapshot = populated(clock).snapshot()
+    snapshot["indexers"][1][where] = value
+
+    with pytest.raises(ValueError) as refused:
+        make(clock).restore(snapshot)
+    assert str(refused.value).startswith(f"snapshot.indexers[1].{where}: {message}")
 
 
 def test_restore_rejects_non_objects(clock: FakeClock) -> None:
