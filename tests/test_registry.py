@@ -427,6 +427,22 @@ def test_effective_load_adds_inflight_and_recent_picks(clock: FakeClock) -> None
     assert registry.routing_table()["indexers"][0]["load"] == 7
 
 
+def test_status_and_routing_table_agree_once_lookaside_answers_expire(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock, service_time=0.05)
+    add(registry, "i1")
+    registry.route("read")
+
+    def loads() -> tuple[int, int]:
+        status = registry.status()["indexers"][0]["current_load"]
+        return status, registry.routing_table()["indexers"][0]["load"]
+
+    assert loads() == (1, 1)
+    clock.advance(0.05)
+    assert loads() == (0, 0)  # status asked first: it expires them too
+
+
 def test_inflight_never_goes_below_zero(clock: FakeClock) -> None:
     registry = make(clock)
     add(registry, "i1")

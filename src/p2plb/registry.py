@@ -148,6 +148,7 @@ class Registry:
     def status(self) -> dict[str, Any]:
         """``GET /v1/status`` without ``uptime_seconds``, which the server adds."""
         now = self._clock()
+        self._expire(now)  # the loads a routing table would show at this moment
         return {
             "healthy_indexers": self.healthy_count(),
             "total_indexers": len(self._entries),
