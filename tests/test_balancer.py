@@ -7,12 +7,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from p2plb.cli import cli
 from procs import Proc, Procs, eventually, request
 
 FAST = ("--report-interval", "0.3s")
@@ -670,6 +674,54 @@ async def test_status_and_strategy_commands(
         f"p2plb: error: balancer {one.url}: strategy: must be one of least_load, "
         "round_robin, random, p2c, least_latency; got 'fastest'\n"
     )
+
+
+class FakeStatus(BaseHTTPRequestHandler):
+    """A balancer that answers ``GET /v1/status`` with ``STATUS``."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        body = json.dumps(FAKE_STATUS).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+FAKE_STATUS = {
+    "healthy_indexers": 0, "total_indexers": 1, "total_requests": 0,
+    "routed_requests": 0, "uptime_seconds": 1.0, "strategy": "least_load",
+    "indexers": [{
+        "id": "v6", "address": "http://[fe80::1]:7401", "zone": None,
+        "capacity": 4, "current_load": 0, "load_percentage": 0.0,
+        "healthy": False, "state": "serving",
+        "health_reason": "probe failed: [/] [bold]not bold[/bold]",
+        "last_report_age_s": None, "requests": 0, "routed": 0, "errors": 0,
+        "latency_ms": {"p50": None, "p99": None},
+    }],
+}  # fmt: skip
+
+
+def test_status_shows_every_value_as_it_is() -> None:
+    # rich reads strings as markup: the IPv6 host vanished ("http://:7401")
+    # and "[/]" in a reason stopped the command with a MarkupError.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeStatus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(cli, ["status", "--balancer", url])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.exit_code == 0, result.output
+    assert "http://[fe80::1]:7401" in result.output
+    assert "probe failed: [/] [bold]not bold[/bold]" in result.output
+    assert "unhealthy" in result.output
 
 
 def test_unreachable_balancer_is_one_line(tmp_path: Path) -> None:
