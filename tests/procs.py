@@ -109,9 +109,14 @@ class Procs:
         self.workdir = workdir
         self.all: list[Proc] = []
 
-    def indexer(self, id: str, *extra: str, start: bool = True) -> Proc:
-        args = ["indexer", "--id", id, "--port", "0", "--data-dir", f"data-{id}"]
-        proc = Proc(id, [*args, *extra], self.workdir)
+    def indexer(
+        self, id: str, *extra: str, start: bool = True, name: str | None = None
+    ) -> Proc:
+        """``name`` (default: ``id``) names its log and data directory, so that
+        two processes of one id can run side by side."""
+        name = name or id
+        args = ["indexer", "--id", id, "--port", "0", "--data-dir", f"data-{name}"]
+        proc = Proc(name, [*args, *extra], self.workdir)
         self.all.append(proc)
         return proc.start() if start else proc
 

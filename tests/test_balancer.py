@@ -7,12 +7,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from p2plb.cli import cli
 from procs import Proc, Procs, eventually, request
 
 FAST = ("--report-interval", "0.3s")
@@ -336,6 +340,36 @@ async def test_metrics_take_any_query_parameters(
         assert "p2plb_" in await answer.text()
 
 
+async def test_a_replaced_indexer_that_stops_leaves_its_replacement(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # No tokens: the instance of a DELETE was once checked only with them, and
+    # the replaced process removed its replacement's entry as it stopped.
+    balancer = procs.balancer()
+    quiet = ("--balancer", balancer.url, "--report-interval", "1h")
+    old = procs.indexer("mv", *quiet, "--drain-period", "0.1s", name="mv-a")
+
+    async def listed() -> list[tuple[str, str]]:
+        body = (await request(http, "GET", f"{balancer.url}/v1/indexers"))[1]
+        return [(row["id"], row["address"]) for row in body["indexers"]]
+
+    async def at(url: str) -> bool:
+        return await listed() == [("mv", url)]
+
+    await eventually(lambda: at(old.url))
+    new = procs.indexer("mv", *quiet, name="mv-b")
+    await eventually(lambda: at(new.url))
+
+    assert old.stop() == 0  # before its next report could tell it
+    old.wait_for(r"reporter\.(unregistered|unregister_superseded) ")
+    assert await listed() == [("mv", new.url)]
+    old.wait_for(r"reporter\.unregister_superseded balancer=\S+ id=mv: ")
+    balancer.wait_for(
+        r"indexer\.unregister_refused id=mv instance=\S+ reason=superseded"
+    )
+    assert "indexer.unregistered id=mv" not in balancer.log()
+
+
 async def test_kill_9_leaves_rotation_within_the_probe_window(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:
@@ -490,31 +524,82 @@ async def test_restart_restores_registry_strategy_and_counters(
     assert [r["id"] for r in after["indexers"]] == [r["id"] for r in before["indexers"]]
 
 
-CORRUPT = {
-    "empty": b"",
-    "truncated": b'{"format": 1, "saved_at": 1.0, "registry": {"strat',
-    "nul-filled": b"\x00" * 4096,
-    "wrong-shape-list": b"[1, 2, 3]",
-    "wrong-shape-registry": b'{"format": 1, "registry": {"indexers": "nope"}}',
-    "unhashable-strategy": b'{"format": 1, "registry": {"version": 1, "strategy": '
-    b'[], "total_requests": 0, "routed_requests": 0, "indexers": []}}',
+def state_file(**changes: Any) -> bytes:
+    """A sound state file holding one indexer, but for ``changes`` (to the
+    file's top, the registry or its row, wherever the key is)."""
+    row = {"id": "i1", "address": "http://127.0.0.1:9", "capacity": 4,
+           "zone": None, "instance": None, "state": "serving",
+           "reported_load": 0, "requests": 0, "routed": 0, "errors": 0,
+           "served": None}  # fmt: skip
+    registry = {"version": 1, "strategy": "least_load", "total_requests": 0,
+                "routed_requests": 0, "indexers": [row]}  # fmt: skip
+    document = {"format": 1, "saved_at": 1.0, "registry": registry}
+    for key, value in changes.items():
+        holder = next(h for h in (document, registry, row) if key in h)
+        holder[key] = value
+    return json.dumps(document).encode()
+
+
+BIG = 10**400
+# Each with the reason the balancer gives; None: whatever the parser says.
+CORRUPT: dict[str, tuple[bytes, str | None]] = {
+    "empty": (b"", "empty (0 bytes, no content)"),
+    "truncated": (b'{"format": 1, "saved_at": 1.0, "registry": {"strat', None),
+    "nul-filled": (b"\x00" * 4096, "empty (4096 bytes, no content)"),
+    "wrong-shape-list": (b"[1, 2, 3]", "expected a JSON object, got list"),
+    "wrong-shape-registry": (
+        b'{"format": 1, "registry": {"indexers": "nope"}}',
+        "snapshot: missing routed_requests, strategy, total_requests, version",
+    ),
+    "unhashable-strategy": (
+        b'{"format": 1, "registry": {"version": 1, "strategy": [], '
+        b'"total_requests": 0, "routed_requests": 0, "indexers": []}}',
+        "snapshot.strategy: unknown strategy []",
+    ),
+    "nested-too-deeply": (
+        b"[" * 100_000 + b"]" * 100_000,
+        "not valid JSON (nested too deeply)",
+    ),
+    # Out of the API's bounds: once restored, and status and metrics then
+    # answered 500 for as long as each save wrote the value back.
+    "format-true": (state_file(format=True), "unknown format True"),
+    "load-past-64-bits": (
+        state_file(reported_load=BIG),
+        "snapshot.indexers[0].reported_load: expected an integer from 0 to "
+        f"9223372036854775807, got {BIG}",
+    ),
+    "capacity-past-the-api": (
+        state_file(capacity=10**30),
+        "snapshot.indexers[0].capacity: must be an integer from 1 to 1000000, "
+        f"got {10**30}",
+    ),
+    "total-past-64-bits": (
+        state_file(total_requests=BIG),
+        f"snapshot.total_requests: expected an integer from 0 to "
+        f"9223372036854775807, got {BIG}",
+    ),
 }
 
 
-@pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT.keys())
+@pytest.mark.parametrize(("content", "reason"), CORRUPT.values(), ids=CORRUPT.keys())
 async def test_corrupt_state_file_is_set_aside(
-    procs: Procs, http: aiohttp.ClientSession, content: bytes
+    procs: Procs, http: aiohttp.ClientSession, content: bytes, reason: str | None
 ) -> None:
     state = procs.workdir / "balancer-state.json"
     state.write_bytes(content)
 
     balancer = procs.balancer()
 
-    balancer.wait_for(r"state\.corrupt path=\S+ reason=.* moved_to=\S+; starting empty")
+    said = re.escape(reason) if reason else ".*"
+    balancer.wait_for(
+        rf"state\.corrupt path=\S+ reason={said} moved_to=\S+; starting empty\n"
+    )
     aside = list(procs.workdir.glob("balancer-state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert (await request(http, "GET", f"{balancer.url}/healthz"))[0] == 200
     assert (await status_of(http, balancer))["total_indexers"] == 0
+    async with http.get(f"{balancer.url}/metrics") as response:
+        assert response.status == 200
     assert balancer.stop() == 0
     saved = json.loads(state.read_text())  # a clean save replaced it
     assert saved["format"] == 1
@@ -589,6 +674,54 @@ async def test_status_and_strategy_commands(
         f"p2plb: error: balancer {one.url}: strategy: must be one of least_load, "
         "round_robin, random, p2c, least_latency; got 'fastest'\n"
     )
+
+
+class FakeStatus(BaseHTTPRequestHandler):
+    """A balancer that answers ``GET /v1/status`` with ``STATUS``."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        body = json.dumps(FAKE_STATUS).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+FAKE_STATUS = {
+    "healthy_indexers": 0, "total_indexers": 1, "total_requests": 0,
+    "routed_requests": 0, "uptime_seconds": 1.0, "strategy": "least_load",
+    "indexers": [{
+        "id": "v6", "address": "http://[fe80::1]:7401", "zone": None,
+        "capacity": 4, "current_load": 0, "load_percentage": 0.0,
+        "healthy": False, "state": "serving",
+        "health_reason": "probe failed: [/] [bold]not bold[/bold]",
+        "last_report_age_s": None, "requests": 0, "routed": 0, "errors": 0,
+        "latency_ms": {"p50": None, "p99": None},
+    }],
+}  # fmt: skip
+
+
+def test_status_shows_every_value_as_it_is() -> None:
+    # rich reads strings as markup: the IPv6 host vanished ("http://:7401")
+    # and "[/]" in a reason stopped the command with a MarkupError.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeStatus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(cli, ["status", "--balancer", url])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.exit_code == 0, result.output
+    assert "http://[fe80::1]:7401" in result.output
+    assert "probe failed: [/] [bold]not bold[/bold]" in result.output
+    assert "unhealthy" in result.output
 
 
 def test_unreachable_balancer_is_one_line(tmp_path: Path) -> None:

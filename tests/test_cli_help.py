@@ -37,3 +37,17 @@ def test_help_describes_every_option(name: str) -> None:
         if isinstance(param, click.Option) and not param.is_flag:
             # A metavar says what to give, not just "VALUE".
             assert param.make_metavar(click.Context(command)) != "VALUE", param.name
+
+
+def test_only_commands_that_change_something_take_the_admin_token() -> None:
+    def options(name: str) -> set[str]:
+        command = cli.commands[name]
+        return {opt for param in command.params for opt in param.opts}
+
+    assert "--admin-token" in options("strategy")  # PUT /v1/strategy
+    assert "--admin-token" not in options("status")  # GET /v1/status is public
+    result = CliRunner().invoke(cli, ["status", "--admin-token", "x"])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        2,
+        "Error: No such option '--admin-token'.",
+    )

@@ -137,22 +137,31 @@ async def test_retries_stay_within_the_budget_when_every_indexer_is_overloaded(
     )
 
 
+async def looped(request: web.Request) -> web.Response:
+    """A balancer registered as an indexer, proxying the request back to itself."""
+    return error(508, "loop_detected", "P2PLB-Via: this balancer forwarded ...")
+
+
+@pytest.mark.parametrize("handle", [overloaded, looped], ids=["503", "508"])
 async def test_a_retry_goes_to_another_indexer(
-    fakes: Callable[[str, Handler], Awaitable[Fake]],
+    fakes: Callable[[str, Handler], Awaitable[Fake]], handle: Handler
 ) -> None:
     async def fine(request: web.Request) -> web.Response:
         return web.json_response({"name": "s", "items": ["a"], "next": None})
 
-    busy, good = await fakes("busy", overloaded), await fakes("good", fine)
+    bad, good = await fakes("bad", handle), await fakes("good", fine)
 
-    async with AsyncClient(indexers=[busy.url, good.url], rng=0) as client:
+    async with AsyncClient(indexers=[bad.url, good.url], rng=0) as client:
         results = [await client.get_index("s") for _ in range(10)]
         stats = await client.stats()
 
     assert results == [["a"]] * 10
     assert len(good.calls) == 10
-    assert stats["retries"] == len(busy.calls) > 0
-    assert stats["errors"] == {busy.url: len(busy.calls)}
+    assert stats["retries"] == len(bad.calls) > 0
+    assert stats["errors"] == {bad.url: len(bad.calls)}
+    if handle is looped:
+        # A failure, where a 503 is a load signal: avoided after three in a row.
+        assert len(bad.calls) == 3
 
 
 # -- each failure, its exception and its message -----------------------------------

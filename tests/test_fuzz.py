@@ -7,12 +7,13 @@ random values, or that are malformed (wrong types, unknown fields, broken
 JSON, lone surrogates, huge strings, odd path segments and query strings,
 wrong methods).  Every answer must hold to these rules:
 
-* no 5xx, except a 503 whose code the document lists for that operation;
+* no 5xx, except a 503 or a 508 whose code the document lists for that
+  operation (a 508 answers a request that says a balancer forwarded it);
 * both processes still running;
 * a 4xx carries ``{"error": {"code", "message"}}`` with a code of design.md
-  (or ``method_not_allowed`` for a 405, ``uri_too_long`` for a 414), and
-  when the request reached an operation the whole answer matches what the
-  document says for its status;
+  or of p2plb's own (``OWN_CODES``), or ``method_not_allowed`` for a 405,
+  ``uri_too_long`` for a 414; and when the request reached an operation the
+  whole answer matches what the document says for its status;
 * a 4xx changes nothing: the indices and their contents, the registered
   indexers and the strategy are compared with a snapshot taken before.
 
@@ -40,7 +41,7 @@ from hypothesis import strategies as st
 
 from p2plb.openapi import document
 from procs import Proc, Procs
-from test_openapi import check_answer, design_codes
+from test_openapi import OWN_CODES, check_answer, design_codes
 
 EXAMPLES = int(os.environ.get("P2PLB_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -55,7 +56,7 @@ NAMES = ["songs", "wörter", "empty", "s p a c e"]
 IDS = ["i1", "ghost", "fake-1"]
 # Beyond design.md's table: answers of the router and of the URL length limit.
 ROUTER_CODES = {"not_found", "method_not_allowed", "uri_too_long"}
-CODES = design_codes() | ROUTER_CODES
+CODES = design_codes() | OWN_CODES | ROUTER_CODES
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 # Path segments and query strings a careless or hostile client might send.
@@ -435,6 +436,8 @@ def draw_request(data: st.DataObject, doc: dict[str, Any]) -> Request:
         headers["P2PLB-Min-Version"] = data.draw(
             st.sampled_from(["", "zz", "0" * 16, "f" * 16, "1" * 40, "-1"])
         )
+    if data.draw(st.integers(0, 9)) == 0:
+        headers["P2PLB-Via"] = data.draw(st.sampled_from(["", "b1", "x" * 300]))
     body = None
     if "requestBody" in operation or kind == "broken_json":
         schema = (operation.get("requestBody") or {}).get("content", {})
@@ -492,7 +495,7 @@ def check(cluster: Cluster, role: str, request: Request, answer: Answer) -> None
     cluster.alive()
     operation = doc["paths"][request.template].get(request.method.lower())
     if answer.status >= 500:
-        assert answer.status == 503 and operation is not None, where
+        assert answer.status in (503, 508) and operation is not None, where
     is_json = "json" in answer.headers.get("Content-Type", "")
     body = answer.json() if is_json else None
 

@@ -57,13 +57,16 @@ async def page(request: web.Request) -> web.Response:
 
 
 class FakeIndexer:
-    """An indexer stand-in: ``/healthz`` answers ``healthz``, index calls ``handle``."""
+    """An indexer stand-in: ``/healthz`` answers ``healthz``, index calls ``handle``;
+    every answer carries ``headers``."""
 
     def __init__(self, name: str, handle: Handler) -> None:
         self.name = name
         self.handle = handle
         self.healthz = 200
+        self.headers: dict[str, str] = {}
         self.hits = 0
+        self.probes = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -82,13 +85,19 @@ class FakeIndexer:
             await self._runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        self.probes += 1
         if self.healthz != 200:
-            return error(self.healthz, "storage_unavailable", "disk gone")
-        return web.json_response({"status": "ok", "id": self.name})
+            answer = error(self.healthz, "storage_unavailable", "disk gone")
+        else:
+            answer = web.json_response({"status": "ok", "id": self.name})
+        answer.headers.update(self.headers)
+        return answer
 
     async def _index(self, request: web.Request) -> web.Response:
         self.hits += 1
-        return await self.handle(request)
+        answer = await self.handle(request)
+        answer.headers.update(self.headers)
+        return answer
 
 
 Fakes = Callable[[str, Handler], Awaitable[FakeIndexer]]

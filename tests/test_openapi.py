@@ -25,6 +25,10 @@ from p2plb.storage import Storage
 from procs import Procs, request
 
 ROLES = ("balancer", "indexer")
+# p2plb's own additions to design.md's codes: 408 request_timeout (a body
+# slower than --body-timeout) and 508 loop_detected (a balancer's address
+# registered as an indexer).
+OWN_CODES = {"request_timeout", "loop_detected"}
 
 
 def design_codes() -> set[str]:
@@ -138,9 +142,7 @@ def test_error_codes_and_parameters_of_design_md() -> None:
                         part["properties"]["error"]["properties"]["code"]["enum"]
                     )
     # not_found belongs to no operation: it is the answer to an unknown path.
-    # request_timeout (408, a body slower than --body-timeout) is p2plb's own
-    # addition to design.md's codes.
-    assert public | {"not_found"} == design_codes() | {"request_timeout"}
+    assert public | {"not_found"} == design_codes() | OWN_CODES
 
     params = {
         (p["name"], p["in"]): p["schema"]
@@ -156,7 +158,10 @@ def test_error_codes_and_parameters_of_design_md() -> None:
     assert ("index", "query") in params
     assert {"name", "id"} <= {name for name, where in params if where == "path"}
     get_index = balancer["paths"]["/v1/indices/{name}"]["get"]["responses"]
-    assert set(get_index) == {"200", "400", "404", "503"}
+    assert set(get_index) == {"200", "400", "404", "503", "508"}
+    assert ("P2PLB-Via", "header") in params
+    indexer = document("indexer")["paths"]["/v1/indices/{name}"]["get"]
+    assert set(indexer["responses"]) == {"200", "400", "404", "503"}
 
 
 async def test_served_documents_and_real_answers_match(

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from p2plb.client import AsyncClient
+from p2plb.errors import LoopDetected
 from procs import Procs, eventually, request
 
 
@@ -142,3 +144,65 @@ async def test_a_truncated_answer_is_never_a_success(
     ):
         assert line in metrics, line
     assert re.search(r'p2plb_indexer_requests_total\{indexer="i1"\} \d', metrics)
+
+
+async def test_a_balancer_registered_as_an_indexer_is_one_hop_and_a_failure(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # Its own address as an indexer once made one request about 257 nested
+    # hops, until the connection pool ran out.
+    balancer = procs.balancer("balancer", "--probe-interval", "1h")
+    url = balancer.url
+    instance = balancer.wait_for(r"balancer\.started .*\binstance=(\w+)").group(1)
+    itself = {"id": "self", "address": url, "capacity": 10}
+    assert (await request(http, "POST", f"{url}/v1/indexers", json=itself))[0] == 201
+    report = {"load": 0, "state": "serving"}
+    assert (await request(http, "PUT", f"{url}/v1/indexers/self/load", json=report))[
+        0
+    ] == 200
+
+    status, body, _ = await request(http, "GET", f"{url}/v1/indices/songs")
+    assert (status, body["error"]) == (
+        508,
+        {
+            "code": "loop_detected",
+            "message": f"P2PLB-Via: this balancer (instance {instance}) forwarded "
+            "this request to itself: an indexer registered here has this "
+            "balancer's address; remove that entry",
+        },
+    )
+    row = (await request(http, "GET", f"{url}/v1/status"))[1]["indexers"][0]
+    assert (row["routed"], row["errors"]) == (1, 1)  # one hop, a failure
+    balancer.wait_for(
+        rf"proxy\.loop_detected indexer=self address={re.escape(url)}: a balancer, "
+        "not an indexer; remove this entry"
+    )
+    client = AsyncClient(balancers=[url], retries=1, rng=1)
+    with pytest.raises(LoopDetected):
+        await client.list_indices()
+    await client.aclose()
+
+    # Beside a real indexer, every request is served, by the indexer (which
+    # cannot catch up with a balancer, and stops trying after --sync-timeout).
+    procs.indexer("i1", "--balancer", url, "--sync-timeout", "0.5s")
+
+    async def serving() -> bool:
+        rows = (await request(http, "GET", f"{url}/v1/status"))[1]["indexers"]
+        return [r["state"] for r in rows] == ["serving", "serving"]
+
+    await eventually(serving)
+    for _ in range(10):
+        status, _, headers = await request(http, "GET", f"{url}/v1/indices")
+        assert (status, headers["P2PLB-Indexer"]) == (200, "i1")
+
+    # What another balancer forwarded is refused the same way.
+    status, body, _ = await request(
+        http, "GET", f"{url}/v1/indices", headers={"P2PLB-Via": "b2"}
+    )
+    assert (status, body["error"]["message"]) == (
+        508,
+        f"P2PLB-Via: balancer instance 'b2' forwarded this request to this "
+        f"balancer (instance {instance}), which is no indexer: remove the entry "
+        "with this balancer's address from that one",
+    )
+    assert balancer.log().count("proxy.loop_detected") == 1

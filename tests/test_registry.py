@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import HealthChange, HealthPolicy
+from p2plb.metrics import Metrics
 from p2plb.registry import Registry
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT
 
 
 class FakeClock:
@@ -136,6 +138,28 @@ def test_a_new_process_replaces_the_entry_and_the_old_one_is_superseded(
     assert error_of(registry.report, "i1", 1, "serving", instance="third")[0] == 404
 
 
+def test_a_replaced_process_cannot_unregister_its_replacement(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock)
+    registry.register("mv", addr(7401), 10, instance="a")
+    moved, _ = registry.register("mv", addr(7402), 10, instance="b")
+
+    assert error_of(registry.unregister, "mv", "a") == (
+        409,
+        "superseded",
+        "id: indexer 'mv' (instance a) was replaced by a newer registration at "
+        f"{addr(7402)}; this process must stop reporting",
+    )
+    assert registry.get("mv") is moved
+    assert registry.unregister("mv", "b") is moved  # itself
+    again, _ = registry.register("mv", addr(7402), 10, instance="b")
+    assert registry.unregister("mv") is again  # an admin: no instance
+    registry.register("mv", addr(7403), 10)  # an entry that never said one
+    assert registry.unregister("mv", "c").address == addr(7403)
+    assert len(registry) == 0
+
+
 def test_unknown_ids_are_404(clock: FakeClock) -> None:
     registry = make(clock)
     expected = (404, "indexer_not_found", "id: no indexer 'x' is registered")
@@ -180,6 +204,36 @@ def test_served_counter_deltas_and_reset(clock: FakeClock) -> None:
 
     registry.unregister("i1")
     assert registry.total_requests == 175  # totals never go down
+
+
+def test_no_figure_out_of_the_api_bounds_is_ever_stored(clock: FakeClock) -> None:
+    # A load past 64 bits once overflowed status, metrics and routing alike.
+    registry = make(clock)
+    add(registry, "i1")
+    big = MAX_COUNT + 1
+    assert error_of(registry.report, "i1", big, "serving") == (
+        400,
+        "invalid_field",
+        f"load: must be an integer from 0 to {MAX_COUNT}, got {big}",
+    )
+    assert error_of(registry.report, "i1", 0, "serving", served=big)[2] == (
+        f"served: must be an integer from 0 to {MAX_COUNT}, got {big}"
+    )
+    assert error_of(registry.register, "i2", addr(9), 10**30)[2] == (
+        f"capacity: must be an integer from 1 to 1000000, got {10**30}"
+    )
+    for load, capacity in ((10**400, 10), (big, 10), (-1, 10), (1, 0), (1, 10**6 + 1)):
+        registry.observe_load("i1", load, capacity)
+    entry = registry.get("i1")
+    assert entry is not None
+    assert (entry.reported_load, entry.capacity, len(registry)) == (0, 10, 1)
+
+    # Counters saturate rather than leave the bounds a state file is held to.
+    registry.report("i1", 0, "serving", served=MAX_COUNT)
+    registry.report("i1", 0, "serving", served=0)  # restarted
+    registry.report("i1", 0, "serving", served=MAX_COUNT)
+    assert (entry.requests, registry.total_requests) == (MAX_COUNT, MAX_COUNT)
+    make(clock).restore(json.loads(json.dumps(registry.snapshot())))
 
 
 # health through the registry ---------------------------------------------------------
@@ -373,6 +427,22 @@ def test_effective_load_adds_inflight_and_recent_picks(clock: FakeClock) -> None
     assert registry.routing_table()["indexers"][0]["load"] == 7
 
 
+def test_status_and_routing_table_agree_once_lookaside_answers_expire(
+    clock: FakeClock,
+) -> None:
+    registry = make(clock, service_time=0.05)
+    add(registry, "i1")
+    registry.route("read")
+
+    def loads() -> tuple[int, int]:
+        status = registry.status()["indexers"][0]["current_load"]
+        return status, registry.routing_table()["indexers"][0]["load"]
+
+    assert loads() == (1, 1)
+    clock.advance(0.05)
+    assert loads() == (0, 0)  # status asked first: it expires them too
+
+
 def test_inflight_never_goes_below_zero(clock: FakeClock) -> None:
     registry = make(clock)
     add(registry, "i1")
@@ -511,6 +581,11 @@ def _mutations() -> list[tuple[str, Any]]:
         ("served negative", row("served", -1)),
         ("missing errors", lambda s: s["indexers"][0].pop("errors")),
         ("duplicate id", lambda s: s["indexers"].append(dict(s["indexers"][0]))),
+        ("load past 64 bits", row("reported_load", 10**400)),
+        ("capacity past the API's", row("capacity", 10**30)),
+        ("total past 64 bits", lambda s: s.__setitem__("total_requests", 10**400)),
+        ("requests as bool", row("requests", True)),
+        ("zone too long", row("zone", "z" * 65)),
     ]
 
 
@@ -529,8 +604,17 @@ def test_restore_rejects_wrong_shapes(clock: FakeClock, case: str, mutate: Any) 
     assert [e.id for e in target.entries()] == ["keep"]  # nothing changed
 
 
+# Numbers at and past every bound the API holds a figure to, beside any JSON.
+_BOUNDS = st.sampled_from(
+    [-1, 0, 1, MAX_CAPACITY, MAX_CAPACITY + 1, MAX_COUNT, MAX_COUNT + 1, 10**400]
+)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | _BOUNDS
+    | st.floats()
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3)
         | st.dictionaries(st.text(max_size=8), inner, max_size=3)
@@ -539,12 +623,14 @@ _JSON = st.recursive(
 )
 
 
-@given(path=st.integers(0, 1_000), value=_JSON)
+@given(path=st.integers(0, 1_000), value=_BOUNDS | _JSON)
 @settings(max_examples=300, deadline=None)
 def test_any_field_of_any_json_type_is_a_value_error(path: int, value: Any) -> None:
     # A state file is JSON: whatever a field holds instead of what belongs
     # there, restoring refuses with the ValueError the balancer sets aside
-    # (an unhashable strategy once crashed it at every start).
+    # (an unhashable strategy once crashed it at every start), or restores a
+    # registry that status, metrics and the next save can all show (a load
+    # past 64 bits once made them fail for as long as it was saved again).
     clock = FakeClock()
     snapshot = populated(clock).snapshot()
     fields: list[tuple[Any, Any]] = [(snapshot, key) for key in snapshot]
@@ -559,6 +645,34 @@ def test_any_field_of_any_json_type_is_a_value_error(path: int, value: Any) -> N
         target.restore(snapshot)
     except ValueError:
         assert [e.id for e in target.entries()] == ["keep"]
+        return
+    target.status()
+    target.routing_table()
+    Metrics(target).render()
+    make(clock).restore(json.loads(json.dumps(target.snapshot())))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("reported_load", 10**400, f"expected an integer from 0 to {MAX_COUNT}, got "),
+        ("capacity", 10**6 + 1, "must be an integer from 1 to 1000000, got 1000001"),
+        ("capacity", True, "expected an integer, got True"),
+        ("errors", False, f"expected an integer from 0 to {MAX_COUNT}, got False"),
+        ("served", MAX_COUNT + 1, f"expected an integer from 0 to {MAX_COUNT}, got "),
+        ("zone", "", "must be 1 to 64 characters"),
+        ("instance", "i" * 129, "must be 1 to 128 characters"),
+    ],
+)
+def test_restore_holds_rows_to_the_bounds_of_the_api(
+    clock: FakeClock, where: str, value: Any, message: str
+) -> None:
+    snapshot = populated(clock).snapshot()
+    snapshot["indexers"][1][where] = value
+
+    with pytest.raises(ValueError) as refused:
+        make(clock).restore(snapshot)
+    assert str(refused.value).startswith(f"snapshot.indexers[1].{where}: {message}")
 
 
 def test_restore_rejects_non_objects(clock: FakeClock) -> None:

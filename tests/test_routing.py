@@ -124,9 +124,18 @@ def test_parse_reads_a_balancer_table_and_rejects_garbage() -> None:
     # A strategy from a newer balancer runs as least_load.
     assert Table.parse(body | {"strategy": "latency"}).strategy == "least_load"
 
-    bad_row = body["indexers"][0] | {"capacity": 0}
-    with pytest.raises(ValueError, match=r"indexers.capacity of i1: expected >= 1"):
-        Table.parse(body | {"indexers": [bad_row]})
+    # Out of the balancer's bounds: a load past 64 bits once overflowed the
+    # client's strategies.
+    for field, value, expected in (
+        ("capacity", 0, "capacity of i1: expected 1 to 1000000, got 0"),
+        ("capacity", 10**30, "capacity of i1: expected 1 to 1000000, got 10"),
+        ("load", -1, "load of i1: expected 0 to 9223372036854775807, got -1"),
+        ("load", 10**400, "load of i1: expected 0 to 9223372036854775807, got 1"),
+        ("load", True, "load of i1: expected 0 to 9223372036854775807, got True"),
+    ):
+        bad_row = body["indexers"][0] | {field: value}
+        with pytest.raises(ValueError, match=f"^indexers.{expected}"):
+            Table.parse(body | {"indexers": [bad_row]})
 
     # service_ms, in milliseconds on the wire, is seconds in the row.
     timed = body["indexers"][0] | {"service_ms": 12.5}

@@ -67,7 +67,9 @@ def test_header_round_trips_in_milliseconds() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [None, "", "fast", "-1", "nan", "inf", "1e10", "12ms", "1/2"]
-)
+    "value",
+    [None, "", "fast", "-1", "nan", "inf", "1e10", "1e400", "12ms", "1/2",
+     "١٢", "1_0", " 12", "12 ", "+12", "12.", ".5", "0x10", "3600000.001"],
+)  # fmt: skip
 def test_a_malformed_header_is_ignored(value: str | None) -> None:
     assert parse_service_header(value) is None

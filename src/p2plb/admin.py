@@ -90,9 +90,10 @@ async def _each(
 
 
 async def get_status(
-    balancers: Sequence[str], token: str | None = None, tls: SSLContext | None = None
+    balancers: Sequence[str], tls: SSLContext | None = None
 ) -> list[Answer]:
-    return await _each(balancers, "GET", "/v1/status", token=token, tls=tls)
+    """``GET /v1/status`` of each balancer: public, so no token is sent."""
+    return await _each(balancers, "GET", "/v1/status", tls=tls)
 
 
 async def get_strategy(

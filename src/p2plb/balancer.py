@@ -32,9 +32,8 @@ from p2plb.errors import ConfigError, RequestError
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.openapi import openapi_handler
-from p2plb.proxy import LOAD_HEADER, Proxy, parse_load_header
+from p2plb.proxy import Proxy
 from p2plb.registry import Entry, Registry
-from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.state import StateFileError, load_state, save_state, set_aside
 from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
@@ -64,6 +63,8 @@ logger = logging.getLogger(__name__)
 _ROUTE_QUERY = frozenset({"index", "op"})
 _LIST_QUERY = frozenset({"members_since"})
 _OPS = ("read", "write")
+#: Sent by an indexer that removes itself: which process of its id it is.
+INSTANCE_HEADER = "P2PLB-Instance"
 
 
 class Balancer:
@@ -232,11 +233,8 @@ class Balancer:
         try:
             async with self._probe_session.get(f"{entry.address}/healthz") as response:
                 await response.read()
-                parsed = parse_load_header(response.headers.get(LOAD_HEADER))
-                service = parse_service_header(response.headers.get(SERVICE_HEADER))
-                if parsed is not None and response.status == 200:
-                    self.registry.observe_load(entry.id, *parsed, service)
                 if response.status == 200:
+                    self.proxy.note_load(entry.id, response.headers)
                     return True, "probe ok"
                 return False, f"probe answered HTTP {response.status}"
         except TimeoutError:
@@ -343,18 +341,29 @@ class Balancer:
         # learns nothing, not even which ids are well formed.
         role = self._cluster(request)
         indexer_id = check_indexer_id(request.match_info["id"])
+        instance = request.headers.get(INSTANCE_HEADER) or None
         if role == "cluster" and self.config.cluster_token:
             # With the cluster token an indexer may remove itself only: it
             # proves which one it is by the instance it registered with.
             entry = self.registry.get(indexer_id)
-            instance = request.headers.get("P2PLB-Instance")
-            if entry is not None and (not instance or instance != entry.instance):
+            if entry is not None and (instance is None or entry.instance is None):
                 raise RequestError(
                     403,
                     "wrong_token",
                     "Authorization: removing another indexer needs the admin token",
                 )
-        entry = self.registry.unregister(indexer_id)
+
+        try:
+            entry = self.registry.unregister(indexer_id, instance)
+        except RequestError as exc:
+            if exc.code == "superseded":
+                logger.info(
+                    "indexer.unregister_refused id=%s instance=%s reason=superseded",
+                    indexer_id,
+                    instance,
+                )
+            raise
+
         logger.info("indexer.unregistered id=%s address=%s", entry.id, entry.address)
         return web.Response(status=204)
 
@@ -523,11 +532,12 @@ async def run_balancer(config: BalancerConfig) -> None:
     async def started() -> None:
         await balancer.start()
         logger.info(
-            "balancer.started url=%s strategy=%s state_file=%s indexers=%d",
+            "balancer.started url=%s strategy=%s state_file=%s indexers=%d instance=%s",
             listener.url,
             balancer.registry.strategy,
             config.state_file,
             len(balancer.registry),
+            balancer.proxy.via,
         )
 
     async def stopped() -> None:

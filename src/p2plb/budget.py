@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable
 
 from p2plb.errors import (
+    LoopDetected,
     Overloaded,
     P2PLBError,
     RemoteError,
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 #: What a retry on another indexer may cure: the rest is raised at once.
-RETRYABLE = (Unreachable, Timeout, Overloaded, ReplicaBehind)
+RETRYABLE = (Unreachable, Timeout, Overloaded, ReplicaBehind, LoopDetected)
 
 
 class RetryBudget:
@@ -129,7 +130,7 @@ def retry_after_of(error: P2PLBError) -> float | None:
 
 
 def reason(error: P2PLBError) -> str:
-    if isinstance(error, Overloaded | ReplicaBehind):
+    if isinstance(error, Overloaded | ReplicaBehind | LoopDetected):
         return error.code
     if isinstance(error, Timeout):
         return "timed out"

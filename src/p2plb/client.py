@@ -15,9 +15,10 @@ Rules of this module:
   ``indexers`` given; the background task probes the balancers with jittered
   exponential backoff and the client returns to the first that answers.
 * Index operations are idempotent, so a failed attempt is retried on another
-  indexer after a refusal, reset, timeout, other 5xx, ``503 overloaded`` or
-  ``503 replica_behind``, up to ``retries`` times, if the retry budget
-  (``p2plb.budget``) allows.  Nothing is retried when no indexer is healthy.
+  indexer after a refusal, reset, timeout, other 5xx (``508 loop_detected``
+  included), ``503 overloaded`` or ``503 replica_behind``, up to ``retries``
+  times, if the retry budget (``p2plb.budget``) allows.  Nothing is retried
+  when no indexer is healthy.
 * ``timeout`` bounds a whole call, retries and fallback included.  An attempt
   that still leaves room for another gets half of the time left, so a hung
   indexer (or balancer) costs half the deadline, not all of it, and the call
@@ -58,6 +59,7 @@ from p2plb.budget import (
 )
 from p2plb.errors import (
     ConfigError,
+    LoopDetected,
     NoHealthyIndexer,
     Overloaded,
     P2PLBError,
@@ -68,11 +70,19 @@ from p2plb.errors import (
     UsageError,
 )
 from p2plb.fallback import Balancers
-from p2plb.hlc import parse_version
+from p2plb.hlc import is_version
 from p2plb.proxy import INDEXER_HEADER, MIN_VERSION_HEADER
 from p2plb.routing import Outcome, RoutingTable, Table, Target
 from p2plb.tls import client_context
-from p2plb.transport import Answer, as_object, count, fetch_table, open_session, send
+from p2plb.transport import (
+    Answer,
+    as_object,
+    count,
+    fetch_table,
+    open_session,
+    send,
+    strings,
+)
 from p2plb.wire import (
     MAX_BATCH_ITEMS,
     check_address,
@@ -214,20 +224,22 @@ class AsyncClient(AsyncAliases):
                 if exc.code != "index_not_found":
                     raise
                 return items or None  # emptied between two pages: what was read
-            found, after = page.get("items"), page.get("next")
-            if not isinstance(found, list) or not isinstance(after, str | None):
-                raise Unreachable(f"an index page without items or next: {page!r}")
+            found, cursor = strings(page, "items"), page.get("next")
+            # Pages are sorted: a cursor that does not move forward would
+            # have this loop ask for the same page for ever.
+            if not isinstance(cursor, str | None) or (
+                cursor is not None and after is not None and cursor <= after
+            ):
+                raise Unreachable(f"an index page with a bad next: {page!r:.200}")
             items.extend(found)
-            if after is None:
+            if cursor is None:
                 return items
+            after = cursor
 
     async def list_indices(self) -> list[str]:
         """The sorted names of the indices that have items."""
         answer = await self._call("read", "GET", "/v1/indices")
-        names = answer.get("indices")
-        if not isinstance(names, list):
-            raise Unreachable(f"a list of indices without indices: {answer!r}")
-        return names
+        return strings(answer, "indices")
 
     async def set_load_balancer(self, url: str | Sequence[str]) -> None:
         """Replace the balancers (one URL or several) and fetch a table from them."""
@@ -262,7 +274,7 @@ class AsyncClient(AsyncAliases):
         answer = await self._call("write", "POST", path, body)
         version = answer.get("version")
         newer = self._min_version is None or str(version) > self._min_version
-        if isinstance(version, str) and newer and _is_version(version):
+        if isinstance(version, str) and newer and is_version(version):
             self._min_version = version
         return answer
 
@@ -422,7 +434,7 @@ class AsyncClient(AsyncAliases):
             error = answer.error()
             if isinstance(error, RequestError):
                 outcome = "ok"  # the indexer works; the request was wrong
-            elif error.__class__ is not Unreachable:
+            elif not isinstance(error, Unreachable | LoopDetected):
                 outcome = "busy"  # a 503 with a code: a load signal, not a fault
             raise error
         except asyncio.CancelledError:
@@ -537,14 +549,6 @@ def _batches(items: list[str]) -> Iterator[list[str]]:
             start, size = end, 0
         size += cost
     yield items[start:]
-
-
-def _is_version(text: str) -> bool:
-    try:
-        parse_version(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _quote(text: str) -> str:

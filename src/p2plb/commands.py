@@ -47,13 +47,6 @@ __all__ = [
 def _balancer_option(func: F) -> F:
     func = _ca_option(func)
     func = click.option(
-        "--admin-token",
-        envvar="P2PLB_ADMIN_TOKEN",
-        show_envvar=True,
-        default=None,
-        help="Token for changes that need admin rights.",
-    )(func)
-    func = click.option(
         "--json", "as_json", is_flag=True, help="Print JSON instead of a table."
     )(func)
     return click.option(
@@ -63,6 +56,17 @@ def _balancer_option(func: F) -> F:
         metavar="URL",
         help=f"Balancer to ask; repeat for several (env P2PLB_BALANCERS; "
         f"default {DEFAULT_BALANCER}).",
+    )(func)
+
+
+def _admin_token_option(func: F) -> F:
+    """For the commands that change something; ``status`` changes nothing."""
+    return click.option(
+        "--admin-token",
+        envvar="P2PLB_ADMIN_TOKEN",
+        show_envvar=True,
+        default=None,
+        help="Token for changes that need admin rights.",
     )(func)
 
 
@@ -84,15 +88,10 @@ def _errors(answers: Sequence[Answer]) -> bool:
 
 @cli.command()
 @_balancer_option
-def status(
-    balancers: tuple[str, ...],
-    as_json: bool,
-    admin_token: str | None,
-    ca_file: str | None,
-) -> None:
+def status(balancers: tuple[str, ...], as_json: bool, ca_file: str | None) -> None:
     """Show each balancer's view of its indexers, as a table (--json for machines)."""
     urls = _balancer_urls(balancers)
-    answers = _run(get_status(urls, admin_token, _tls(ca_file)))
+    answers = _run(get_status(urls, _tls(ca_file)))
     if as_json:
         shown = [
             {"balancer": a.balancer, "status": a.body}
@@ -114,6 +113,7 @@ def status(
 @cli.command()
 @click.argument("name", required=False)
 @_balancer_option
+@_admin_token_option
 def strategy(
     name: str | None,
     balancers: tuple[str, ...],

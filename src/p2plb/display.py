@@ -1,4 +1,9 @@
-"""Tables for people: the balancer status as rich renders it in a terminal."""
+"""Tables for people: the balancer status as rich renders it in a terminal.
+
+Every value shown is a ``rich.text.Text``, never a string: rich reads a string
+as markup, so an IPv6 address (``http://[fe80::1]:7401``) lost its host and a
+health reason holding ``[/]`` made the command fail with a ``MarkupError``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["print_status"]
 
@@ -37,7 +43,7 @@ def print_status(
     # Off a terminal (a pipe, a file) rich would wrap at 80 columns; a status
     # table is read whole, so let it be as wide as it needs.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
-    title = (
+    title = Text(
         f"{balancer}  strategy={status.get('strategy')}  "
         f"healthy={status.get('healthy_indexers')}/{status.get('total_indexers')}  "
         f"requests={status.get('total_requests')}  "
@@ -50,18 +56,20 @@ def print_status(
         table.add_column(column, justify="right" if numeric else "left")
     for row in status.get("indexers", []):
         latency = row.get("latency_ms") or {}
-        table.add_row(
-            str(row.get("id")),
-            str(row.get("address")),
-            "[green]healthy[/]" if row.get("healthy") else "[red]unhealthy[/]",
-            str(row.get("state")),
+        healthy = bool(row.get("healthy"))
+        cells = (
+            row.get("id"),
+            row.get("address"),
+            Text(*(("healthy", "green") if healthy else ("unhealthy", "red"))),
+            row.get("state"),
             f"{row.get('current_load')}/{row.get('capacity')}",
-            f"{row.get('load_percentage')}",
-            str(row.get("requests")),
-            str(row.get("routed")),
-            str(row.get("errors")),
+            row.get("load_percentage"),
+            row.get("requests"),
+            row.get("routed"),
+            row.get("errors"),
             _ms(latency.get("p50")),
             _ms(latency.get("p99")),
-            str(row.get("health_reason")),
+            row.get("health_reason"),
         )
+        table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in cells))
     console.print(table)

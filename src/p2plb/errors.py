@@ -12,6 +12,7 @@ The hierarchy::
     │   ├── ReplicaBehind     the indexer has not caught up to the version asked for
     │   ├── InsufficientReplicas  the write did not reach enough indexers
     │   ├── Superseded        this indexer's registration was replaced
+    │   ├── LoopDetected      an "indexer" is a balancer: the request came back
     │   └── Unreachable       connection refused, reset, or an unreadable answer
     ├── Timeout               a remote node did not answer in time
     └── StorageError          the local database failed
@@ -29,6 +30,7 @@ from typing import Any
 __all__ = [
     "ConfigError",
     "InsufficientReplicas",
+    "LoopDetected",
     "NoHealthyIndexer",
     "Overloaded",
     "P2PLBError",
@@ -128,6 +130,20 @@ class Superseded(RemoteError):
     code = "superseded"
 
 
+class LoopDetected(RemoteError):
+    """``508 loop_detected``: a balancer was sent a request a balancer forwarded.
+
+    Balancers forward index requests to indexers only, and indexers never
+    forward, so a forwarded request (``P2PLB-Via``) reaching a balancer means
+    an indexer entry holds a balancer's address, maybe its own.  The balancer
+    that forwarded it counts that as a failure of that entry and tries
+    another; a client does the same.
+    """
+
+    status = 508
+    code = "loop_detected"
+
+
 class Unreachable(RemoteError):
     """A node could not be reached, or its answer could not be read."""
 
@@ -150,6 +166,7 @@ _REMOTE_BY_CODE: dict[str, type[RemoteError]] = {
         ReplicaBehind,
         InsufficientReplicas,
         Superseded,
+        LoopDetected,
     )
 }
 

@@ -16,12 +16,14 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeGuard
 
 __all__ = [
     "LOGICAL_BITS",
     "MAX_VERSION",
     "HybridLogicalClock",
     "format_version",
+    "is_version",
     "parse_version",
 ]
 
@@ -40,7 +42,7 @@ def format_version(version: int) -> str:
     return f"{version:0{VERSION_CHARS}x}"
 
 
-def parse_version(text: str) -> int:
+def parse_version(text: object) -> int:
     """The reverse of ``format_version``; raises ``ValueError`` on anything else.
 
     Only the canonical form is accepted (no sign, spaces, ``0x`` or capitals), so
@@ -59,6 +61,15 @@ def parse_version(text: str) -> int:
             f"got {text!r}"
         )
     return int(text, 16)
+
+
+def is_version(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a version as ``format_version`` writes it."""
+    try:
+        parse_version(value)
+    except ValueError:
+        return False
+    return True
 
 
 class HybridLogicalClock:

@@ -188,6 +188,7 @@ _REASONS = {
     409: "Conflict",
     413: "Content Too Large",
     503: "Service Unavailable",
+    508: "Loop Detected: a balancer forwarded the request to a balancer",
 }
 # Any request with a body may get these: too slow (--body-timeout), too large.
 _BODY_LIMITS = {408: ("request_timeout",), 413: ("body_too_large",)}
@@ -289,6 +290,21 @@ _MIN_VERSION = _param(
     {"type": "string", "pattern": "^[0-9a-fA-F]{16}$"},
     "Serve only from a replica that has caught up to this version.",
 )
+_VIA = _param(
+    "P2PLB-Via",
+    "header",
+    {"type": "string"},
+    "Set by a balancer on the requests it forwards; a balancer answers any "
+    "request that carries it with 508 loop_detected, since only indexers "
+    "should receive forwarded requests.",
+)
+_INSTANCE = _param(
+    "P2PLB-Instance",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 128},
+    "The instance an indexer removing itself registered with; a replaced one "
+    "gets 409 superseded and removes nothing.",
+)
 _LIMIT = _param(
     "limit",
     "query",
@@ -299,12 +315,17 @@ _AFTER = _param("after", "query", _ITEM, "The last item of the previous page.")
 
 
 def _index_api(proxied: bool) -> dict[str, Any]:
-    """The index API; through the balancer it may also find no indexer."""
+    """The index API; through the balancer it may also find no indexer, or
+    find that an indexer entry holds a balancer's address."""
     busy: tuple[str, ...] = ("overloaded",)
+    loop: dict[int, tuple[str, ...]] = {}
+    via: tuple[dict[str, Any], ...] = ()
     if proxied:
         busy = ("no_healthy_indexer", *busy)
-    read_busy = {503: (*busy, "replica_behind")}
-    write_busy = {503: (*busy, "insufficient_replicas")}
+        loop = {508: ("loop_detected",)}
+        via = (_VIA,)
+    read_busy = {503: (*busy, "replica_behind"), **loop}
+    write_busy = {503: (*busy, "insufficient_replicas"), **loop}
     tag = "index"
     return {
         "/v1/indices": {
@@ -314,7 +335,7 @@ def _index_api(proxied: bool) -> dict[str, Any]:
                 tag,
                 {200: "IndexList"},
                 _merge({400: ("invalid_field", "unknown_field")}, read_busy),
-                params=(_MIN_VERSION,),
+                params=(_MIN_VERSION, *via),
             )
         },
         "/v1/indices/{name}": {
@@ -328,7 +349,7 @@ def _index_api(proxied: bool) -> dict[str, Any]:
                     {404: ("index_not_found",)},
                     read_busy,
                 ),
-                params=(_NAME_PARAM, _LIMIT, _AFTER, _MIN_VERSION),
+                params=(_NAME_PARAM, _LIMIT, _AFTER, _MIN_VERSION, *via),
             )
         },
         "/v1/indices/{name}/items": {
@@ -339,7 +360,7 @@ def _index_api(proxied: bool) -> dict[str, Any]:
                 {200: "AddAnswer"},
                 _merge(_BODY_ERRORS, write_busy),
                 body="ItemsBody",
-                params=(_NAME_PARAM,),
+                params=(_NAME_PARAM, *via),
             ),
             "delete": _op(
                 "deleteItem",
@@ -350,6 +371,7 @@ def _index_api(proxied: bool) -> dict[str, Any]:
                 params=(
                     _NAME_PARAM,
                     _param("item", "query", _ITEM, "The item.", required=True),
+                    *via,
                 ),
             ),
         },
@@ -361,7 +383,7 @@ def _index_api(proxied: bool) -> dict[str, Any]:
                 {200: "RemoveAnswer"},
                 _merge(_BODY_ERRORS, write_busy),
                 body="ItemsBody",
-                params=(_NAME_PARAM,),
+                params=(_NAME_PARAM, *via),
             )
         },
     }
@@ -483,9 +505,9 @@ def _balancer_paths() -> dict[str, Any]:
                 _merge(
                     {400: ("invalid_field",)},
                     _TOKEN_ERRORS,
-                    {404: ("indexer_not_found",)},
+                    {404: ("indexer_not_found",), 409: ("superseded",)},
                 ),
-                params=(_ID_PARAM,),
+                params=(_ID_PARAM, _INSTANCE),
                 security=_CLUSTER,
             )
         },

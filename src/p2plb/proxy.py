@@ -18,8 +18,16 @@ Rules of this module:
   reads while the budget is spent).
 * A truncated answer is never passed on as a success: the body is read whole
   before the status is sent back.
+* Every forwarded request carries ``P2PLB-Via`` (this balancer's instance),
+  and a request that carries it is refused with ``508 loop_detected``:
+  indexers never forward, so it can only have come back because an indexer
+  entry holds a balancer's address (its own address once made one request
+  about 257 nested hops, until the connection pool ran out).  The 508 is a
+  failure of that entry, like a 5xx, and the request goes to another.
 * Each answer's ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers update the
-  registry's view of that indexer, which is fresher than its last report.
+  registry's view of that indexer, which is fresher than its last report.  What
+  an indexer sends is never trusted to be well formed: a malformed header is
+  ignored, a body that does not decode is no error code and no version.
 
 Known shortcoming: the proxy runs in one Python process, about 0.3-0.5x
 HAProxy's requests per second on two cores (aiohttp's client is a third of
@@ -30,8 +38,10 @@ balancer processes behind SO_REUSEPORT would scale it further.
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
@@ -42,18 +52,27 @@ from aiohttp import web
 from yarl import URL
 
 from p2plb.budget import RetryBudget
-from p2plb.errors import NoHealthyIndexer
+from p2plb.errors import LoopDetected, NoHealthyIndexer
+from p2plb.hlc import is_version
 from p2plb.registry import Registry
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.web import read_body
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT
 
-__all__ = ["LOAD_HEADER", "MIN_VERSION_HEADER", "Proxy", "parse_load_header"]
+__all__ = [
+    "LOAD_HEADER",
+    "MIN_VERSION_HEADER",
+    "VIA_HEADER",
+    "Proxy",
+    "parse_load_header",
+]
 
 logger = logging.getLogger(__name__)
 
 LOAD_HEADER = "P2PLB-Load"
 MIN_VERSION_HEADER = "P2PLB-Min-Version"
 INDEXER_HEADER = "P2PLB-Indexer"
+VIA_HEADER = "P2PLB-Via"
 
 # Answers that say "try another indexer" without saying this one is broken:
 # load signals, and a write this indexer took but could not copy to a peer
@@ -62,15 +81,25 @@ _LOAD_SIGNALS = frozenset({"overloaded", "replica_behind", "insufficient_replica
 _PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER, SERVICE_HEADER)
 
 
+# ASCII digits only: ``str.isdigit`` and ``int`` also take "²" and "١٢", and
+# an unbounded figure overflowed the float arithmetic of the strategies.
+_LOAD = re.compile(r"([0-9]{1,19})/([0-9]{1,7})")
+
+
 def parse_load_header(value: str | None) -> tuple[int, int] | None:
-    """``"12/64"`` -> ``(12, 64)``; ``None`` for anything malformed."""
-    if not value:
+    """``"12/64"`` -> ``(12, 64)``; ``None`` for anything malformed.
+
+    Load and capacity must lie within the bounds a load report and a
+    registration are held to (``MAX_COUNT``, ``MAX_CAPACITY``); whatever an
+    indexer writes there, this never raises.
+    """
+    match = None if value is None else _LOAD.fullmatch(value)
+    if match is None:
         return None
-    load, _, capacity = value.partition("/")
-    if not (load.isdigit() and capacity.isdigit()):
+    load, capacity = int(match[1]), int(match[2])
+    if load > MAX_COUNT or not 1 <= capacity <= MAX_CAPACITY:
         return None
-    parsed = (int(load), int(capacity))
-    return parsed if parsed[1] >= 1 else None
+    return load, capacity
 
 
 class Proxy:
@@ -86,8 +115,10 @@ class Proxy:
         observe: Callable[[str, float, bool], None] | None = None,
         ssl: SSLContext | None = None,
         budget: RetryBudget | None = None,
+        via: str = "",
     ) -> None:
         self.registry = registry
+        self.via = via or secrets.token_hex(8)  # names this balancer's requests
         self._ssl = ssl
         self.timeout = timeout
         self.retries = retries
@@ -98,6 +129,7 @@ class Proxy:
         self.budget = budget or RetryBudget(clock=time.monotonic)
         self.budget_refusals = 0  # retries refused for want of budget
         self.versions = _Versions()
+        self._told = _Once()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -127,13 +159,15 @@ class Proxy:
     async def forward(self, request: web.Request, *, op: str) -> web.Response:
         """Send ``request`` to an indexer, failing over up to ``retries`` times
         while the retry budget allows."""
+        self._refuse_forwarded(request)
         body = (
             await read_body(request, self.max_body_size, self.body_timeout)
             if request.can_read_body
             else b""
         )
         headers = {
-            "Content-Type": request.headers.get("Content-Type", "application/json")
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            VIA_HEADER: self.via,
         }
         index = request.match_info.get("name")
         if op == "read":
@@ -180,6 +214,23 @@ class Proxy:
             raise NoHealthyIndexer(self.registry.describe_none(op))
         raise NoHealthyIndexer(
             "no healthy indexer could serve the request; tried " + ", ".join(failures)
+        )
+
+    def _refuse_forwarded(self, request: web.Request) -> None:
+        """``508 loop_detected`` for a request a balancer forwarded here."""
+        via = request.headers.get(VIA_HEADER)
+        if via is None:
+            return
+        if via == self.via:
+            raise LoopDetected(
+                f"{VIA_HEADER}: this balancer (instance {self.via}) forwarded this "
+                "request to itself: an indexer registered here has this "
+                "balancer's address; remove that entry"
+            )
+        raise LoopDetected(
+            f"{VIA_HEADER}: balancer instance {via!r:.40} forwarded this request to "
+            f"this balancer (instance {self.via}), which is no indexer: remove the "
+            "entry with this balancer's address from that one"
         )
 
     async def _attempt(
@@ -231,10 +282,20 @@ class Proxy:
 
         # Health counts only what says the indexer is broken: a 503 for load or
         # a 4xx for a bad request is the indexer working as designed.
-        self._note_load(indexer_id, passed.get(LOAD_HEADER), passed.get(SERVICE_HEADER))
-        load_signal = status == 503 and _error_code(payload) in _LOAD_SIGNALS
+        self.note_load(indexer_id, passed)
+        code = _error_code(payload) if status in (503, 508) else None
+        load_signal = status == 503 and code in _LOAD_SIGNALS
         broken = status >= 500 and not load_signal
         detail = f"HTTP {status}" if broken else ""
+        if status == 508 and code == LoopDetected.code:
+            detail = "loop detected: that address is a p2plb balancer"
+            if self._told.first((indexer_id, address, LoopDetected.code)):
+                logger.warning(
+                    "proxy.loop_detected indexer=%s address=%s: a balancer, not "
+                    "an indexer; remove this entry",
+                    indexer_id,
+                    address,
+                )
         self.registry.finish(token, ok=not broken, latency_s=elapsed, detail=detail)
         if self.observe is not None:
             self.observe(indexer_id, elapsed, not broken)
@@ -243,13 +304,31 @@ class Proxy:
         answer = web.Response(body=payload, status=status, headers=passed)
         return answer, status < 500
 
-    def _note_load(
-        self, indexer_id: str, load: str | None, service: str | None
-    ) -> None:
+    def note_load(self, indexer_id: str, headers: Mapping[str, str]) -> None:
+        """The ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers of an indexer's
+        answer (proxied, or to a probe): fresher than its last report.
+
+        A malformed header is ignored, and said at DEBUG once per indexer: the
+        indexer's reports still carry its load.
+        """
+        load, service = headers.get(LOAD_HEADER), headers.get(SERVICE_HEADER)
         parsed = parse_load_header(load)
-        if parsed is not None:
-            self.registry.observe_load(
-                indexer_id, *parsed, parse_service_header(service)
+        if parsed is None:
+            if load is not None:
+                self._malformed(indexer_id, LOAD_HEADER, load)
+            return
+        seconds = parse_service_header(service)
+        if seconds is None and service is not None:
+            self._malformed(indexer_id, SERVICE_HEADER, service)
+        self.registry.observe_load(indexer_id, *parsed, seconds)
+
+    def _malformed(self, indexer_id: str, header: str, value: str) -> None:
+        if self._told.first((indexer_id, header)):
+            logger.debug(
+                "proxy.malformed_header indexer=%s header=%s value=%.60r; ignored",
+                indexer_id,
+                header,
+                value,
             )
 
 
@@ -268,11 +347,17 @@ def _refused(exc: BaseException) -> bool:
     )
 
 
-def _error_code(payload: bytes) -> str | None:
+def _decoded(payload: bytes) -> Any:
+    """An indexer's answer as JSON, or ``None``: whatever it sent, no exception
+    (msgspec raises ``RecursionError`` on deep nesting)."""
     try:
-        document: Any = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+        return msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
         return None
+
+
+def _error_code(payload: bytes) -> str | None:
+    document = _decoded(payload)
     if isinstance(document, dict) and isinstance(document.get("error"), dict):
         code = document["error"].get("code")
         return code if isinstance(code, str) else None
@@ -291,6 +376,26 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _Once:
+    """Whether something was said already, per key, in bounded memory.
+
+    Past ``limit`` keys it forgets them all and says each once more: a few
+    repeated lines, rather than memory that grows with every indexer ever seen.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: set[Hashable] = set()
+
+    def first(self, key: Hashable) -> bool:
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+
 class _Versions:
     """The newest version acknowledged per index, in bounded memory.
 
@@ -306,11 +411,11 @@ class _Versions:
         self.overall = ""
 
     def acknowledged(self, index: str, body: Any) -> None:
-        try:
-            version = msgspec.json.decode(body).get("version")
-        except (msgspec.DecodeError, AttributeError):
-            return
-        if not isinstance(version, str):
+        document = _decoded(body)
+        version = document.get("version") if isinstance(document, dict) else None
+        if not is_version(version):
+            # Kept, a malformed version would go out on every later read as
+            # P2PLB-Min-Version, which no indexer could ever satisfy.
             return
         if version > self.newest.get(index, ""):
             self.newest.pop(index, None)

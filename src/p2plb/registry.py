@@ -24,6 +24,10 @@ Rules of this module:
   indexers: the registry is the one place that sees them all.
 * ``total_requests`` and ``routed_requests`` only grow: removing an indexer
   does not take its requests out of the totals.
+* Every figure stored is within the bounds of the API: loads and counts up to
+  ``MAX_COUNT``, capacities up to ``MAX_CAPACITY``.  Whatever an indexer sends,
+  status, metrics and the state file can then always be produced (a load past
+  64 bits once overflowed the float arithmetic of each of them).
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import Health, HealthChange, HealthPolicy
 from p2plb.snapshot import SNAPSHOT_VERSION, parse_snapshot, snapshot_row
 from p2plb.strategies import Strategy, make_strategy, pick_outside
-from p2plb.wire import check_address, check_indexer_id, invalid
+from p2plb.wire import (
+    MAX_CAPACITY,
+    MAX_COUNT,
+    check_address,
+    check_indexer_id,
+    invalid,
+)
 
 __all__ = [
     "OPS",
@@ -138,6 +148,7 @@ class Registry:
     def status(self) -> dict[str, Any]:
         """``GET /v1/status`` without ``uptime_seconds``, which the server adds."""
         now = self._clock()
+        self._expire(now)  # the loads a routing table would show at this moment
         return {
             "healthy_indexers": self.healthy_count(),
             "total_indexers": len(self._entries),
@@ -180,7 +191,7 @@ class Registry:
         """
         id = check_indexer_id(id)
         address = check_address(address)
-        _check_count(capacity, "capacity", minimum=1)
+        _check_count(capacity, "capacity", minimum=1, maximum=MAX_CAPACITY)
         if state not in STATES:
             raise invalid("state", f"must be one of {', '.join(STATES)}; got {state!r}")
         now = self._clock()
@@ -219,11 +230,18 @@ class Registry:
         self._sync(entry)
         return entry, old is None
 
-    def unregister(self, id: str) -> Entry:
-        """Remove an indexer; ``404 indexer_not_found`` if it is not registered."""
+    def unregister(self, id: str, instance: str | None = None) -> Entry:
+        """Remove an indexer; ``404 indexer_not_found`` if it is not registered.
+
+        ``instance`` is the sender's, when an indexer removes itself: a process
+        that was replaced (another instance) gets ``409 superseded`` and
+        removes nothing, for the entry it would remove is its replacement's.
+        """
         entry = self._entries.get(id)
         if entry is None:
             raise _not_found(id)
+        if not _same_process(entry, None, instance):
+            raise _superseded(id, entry, None, instance)
         self._leave(entry)
         del self._entries[id]
         return entry
@@ -285,7 +303,9 @@ class Registry:
         ``service`` comes from the same answer's ``P2PLB-Service-Ms``, if any.
         """
         entry = self._entries.get(id)
-        if entry is None or load < 0 or capacity < 1:
+        if entry is None or not (
+            0 <= load <= MAX_COUNT and 1 <= capacity <= MAX_CAPACITY
+        ):
             return
         if service is not None:
             entry.service = service
@@ -544,8 +564,9 @@ class Registry:
         previous = entry.served_seen
         delta = served if previous is None or served < previous else served - previous
         entry.served_seen = served
-        entry.requests += delta
-        self._total_requests += delta
+        # Saturated, so that no sequence of reports takes a count out of bounds.
+        entry.requests = min(MAX_COUNT, entry.requests + delta)
+        self._total_requests = min(MAX_COUNT, self._total_requests + delta)
 
     def describe_none(self, op: str) -> str:
         """Why no indexer can take ``op``, for the 503 a caller sees."""
@@ -569,9 +590,15 @@ def _same_process(entry: Entry, address: str | None, instance: str | None) -> bo
     return instance is None or entry.instance is None or instance == entry.instance
 
 
-def _check_count(value: object, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_count(
+    value: object, name: str, *, minimum: int, maximum: int = MAX_COUNT
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer >= {minimum}, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise invalid(
+            name, f"must be an integer from {minimum} to {maximum}, got {value!r}"
+        )
 
 
 def _not_found(id: str) -> RequestError:

@@ -134,6 +134,15 @@ class Reporter:
             async with self._session.delete(
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)
             ) as response:
+                if response.status == 409:
+                    # Replaced by a newer process of this id: its entry stays.
+                    logger.warning(
+                        "reporter.unregister_superseded balancer=%s id=%s: another "
+                        "process registered this id since; its entry was left alone",
+                        balancer,
+                        self.indexer_id,
+                    )
+                    return
                 logger.info(
                     "reporter.unregistered balancer=%s status=%d",
                     balancer,

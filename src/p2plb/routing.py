@@ -45,7 +45,7 @@ from p2plb.strategies import (
     make_strategy,
     pick_outside,
 )
-from p2plb.wire import check_address
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT, check_address
 
 __all__ = ["NEAR_TIE", "OPS", "Outcome", "Row", "RoutingTable", "Table", "Target"]
 
@@ -114,10 +114,16 @@ def _parse_row(row: Any) -> Row:
         address = check_address(row.get("address"), field="indexers.address")
     except RequestError as exc:
         raise ValueError(exc.message) from None
-    if type(capacity) is not int or capacity < 1:
-        raise ValueError(f"indexers.capacity of {id}: expected >= 1, got {capacity!r}")
-    if type(load) is not int or load < 0:
-        raise ValueError(f"indexers.load of {id}: expected >= 0, got {load!r}")
+    # Bounded as the balancer bounds them: a larger figure would overflow the
+    # float arithmetic of the strategies.
+    if type(capacity) is not int or not 1 <= capacity <= MAX_CAPACITY:
+        raise ValueError(
+            f"indexers.capacity of {id}: expected 1 to {MAX_CAPACITY}, got {capacity!r}"
+        )
+    if type(load) is not int or not 0 <= load <= MAX_COUNT:
+        raise ValueError(
+            f"indexers.load of {id}: expected 0 to {MAX_COUNT}, got {load!r}"
+        )
     state, healthy, zone = row.get("state"), row.get("healthy"), row.get("zone")
     if not isinstance(state, str) or not isinstance(healthy, bool):
         raise ValueError(f"indexers.state/healthy of {id}: got {state!r}/{healthy!r}")

@@ -26,6 +26,7 @@ Series", 2019; Finagle's peak-EWMA balancer decays the same way).
 from __future__ import annotations
 
 import math
+import re
 
 __all__ = [
     "DECAY",
@@ -43,6 +44,10 @@ SERVICE_HEADER = "P2PLB-Service-Ms"
 DECAY = 1.0
 #: Figures beyond this are refused when parsed: no index request takes an hour.
 MAX_SERVICE_MS = 3_600_000.0
+# What format_service_header writes, give or take the decimals: plain ASCII
+# digits.  ``float`` alone would also take "nan", "1e400", "1_0" and digits of
+# other scripts ("١٢"), none of which an indexer sends.
+_SERVICE_MS = re.compile(r"[0-9]{1,7}(?:\.[0-9]{1,9})?")
 
 
 class ServiceTime:
@@ -86,13 +91,12 @@ def format_service_header(seconds: float) -> str:
 
 
 def parse_service_header(value: str | None) -> float | None:
-    """``"12.5"`` (milliseconds) -> ``0.0125`` seconds; ``None`` if malformed."""
-    if not value:
+    """``"12.5"`` (milliseconds) -> ``0.0125`` seconds; ``None`` if malformed.
+
+    Malformed is anything but ASCII digits with an optional fraction, and any
+    figure past ``MAX_SERVICE_MS``: never an exception.
+    """
+    if value is None or _SERVICE_MS.fullmatch(value) is None:
         return None
-    try:
-        ms = float(value)
-    except ValueError:
-        return None
-    if not 0.0 <= ms <= MAX_SERVICE_MS:  # also refuses NaN
-        return None
-    return ms / 1000.0
+    ms = float(value)
+    return ms / 1000.0 if ms <= MAX_SERVICE_MS else None

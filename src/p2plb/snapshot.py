@@ -10,6 +10,10 @@ Rules of this module:
   and refuses with a ``ValueError`` that names the field
   (``snapshot.indexers[2].capacity: ...``).  Unknown and missing keys are
   errors, so that a file from another version is never half understood.
+* A row is held to the bounds of the API: what a registration may say
+  (``RegisterBody.check``) and counts up to ``MAX_COUNT``; a bool is no
+  integer.  A load restored past 64 bits once made status and metrics answer
+  500, and every save wrote it back.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Any
 from p2plb.backends import STATES, Entry
 from p2plb.errors import RequestError
 from p2plb.strategies import STRATEGIES
-from p2plb.wire import check_address, check_indexer_id
+from p2plb.wire import MAX_COUNT, RegisterBody
 
 __all__ = ["SNAPSHOT_VERSION", "parse_snapshot", "snapshot_row"]
 
 SNAPSHOT_VERSION = 1
 
 _TOP_KEYS = {"version", "strategy", "total_requests", "routed_requests", "indexers"}
+_REGISTERED = ("id", "address", "capacity", "zone", "instance")
 _ROW_KEYS = {
     "id",
     "address",
@@ -83,26 +88,35 @@ def parse_snapshot(snapshot: Any) -> list[dict[str, Any]]:
     for index, row in enumerate(snapshot["indexers"]):
         where = f"snapshot.indexers[{index}]"
         _check_keys(row, _ROW_KEYS, where)
-        try:
-            check_indexer_id(row["id"])
-            address = check_address(row["address"])
-        except RequestError as exc:
-            raise ValueError(f"{where}.{exc.message}") from None
-        if row["id"] in seen:
-            raise ValueError(f"{where}.id: {row['id']!r} appears twice")
-        seen.add(row["id"])
-        _expect_count(row["capacity"], f"{where}.capacity", 1)
+        registered = _registration(row, where)
+        if registered.id in seen:
+            raise ValueError(f"{where}.id: {registered.id!r} appears twice")
+        seen.add(registered.id)
         for name in ("reported_load", "requests", "routed", "errors"):
             _expect_count(row[name], f"{where}.{name}", 0)
         if row["served"] is not None:
             _expect_count(row["served"], f"{where}.served", 0)
-        for name in ("zone", "instance"):
-            if row[name] is not None and not isinstance(row[name], str):
-                raise ValueError(f"{where}.{name}: expected a string or null")
         if row["state"] not in STATES:
             raise ValueError(f"{where}.state: expected one of {', '.join(STATES)}")
-        rows.append({**row, "address": address})
+        rows.append({**row, "address": registered.address})
     return rows
+
+
+def _registration(row: dict[str, Any], where: str) -> RegisterBody:
+    """What a row holds of a registration, checked as the API checks one."""
+    # Only the types here: the bounds are the API's, checked by ``check``.
+    if type(row["capacity"]) is not int:
+        raise ValueError(
+            f"{where}.capacity: expected an integer, got {row['capacity']!r}"
+        )
+    for name in ("zone", "instance"):
+        if row[name] is not None and not isinstance(row[name], str):
+            raise ValueError(f"{where}.{name}: expected a string or null")
+    body = RegisterBody(**{key: row[key] for key in _REGISTERED})
+    try:
+        return body.check()
+    except RequestError as exc:
+        raise ValueError(f"{where}.{exc.message}") from None
 
 
 def _check_keys(value: Any, keys: set[str], where: str) -> None:
@@ -117,5 +131,7 @@ def _check_keys(value: Any, keys: set[str], where: str) -> None:
 
 
 def _expect_count(value: Any, where: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+    if type(value) is not int or not minimum <= value <= MAX_COUNT:
+        raise ValueError(
+            f"{where}: expected an integer from {minimum} to {MAX_COUNT}, got {value!r}"
+        )

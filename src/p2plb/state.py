@@ -84,10 +84,13 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
         document = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise StateFileError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise StateFileError("not valid JSON (nested too deeply)") from None
     if not isinstance(document, dict):
         raise StateFileError(f"expected a JSON object, got {type(document).__name__}")
-    if document.get("format") != FORMAT:
-        raise StateFileError(f"unknown format {document.get('format')!r}")
+    format = document.get("format")
+    if type(format) is not int or format != FORMAT:  # true == 1 in Python
+        raise StateFileError(f"unknown format {format!r}")
     return document
 
 

@@ -9,13 +9,15 @@ Rules of this module:
   other failure to get an answer (refused, reset, TLS, cut short) is
   ``Unreachable``, each chained with ``from`` and naming the node.
 * A body that is not what the API promises (not JSON, not an object, no count)
-  is ``Unreachable`` too: the node is at fault, not the caller.
+  is ``Unreachable`` too: the node is at fault, not the caller.  So is JSON
+  nested too deeply to decode.  A malformed header (``P2PLB-Load``,
+  ``P2PLB-Service-Ms``, ``Retry-After``) is read as absent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import socket
 import ssl
 from typing import Any
@@ -29,6 +31,7 @@ from p2plb.errors import P2PLBError, Timeout, Unreachable, error_from_body
 from p2plb.proxy import LOAD_HEADER, parse_load_header
 from p2plb.routing import Table
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
+from p2plb.wire import MAX_COUNT
 
 __all__ = [
     "Answer",
@@ -38,9 +41,11 @@ __all__ = [
     "fetch_table",
     "open_session",
     "send",
+    "strings",
 ]
 
 _TABLE_TIMEOUT = 2.0
+_SECONDS = re.compile(r"[0-9]{1,9}")
 
 
 class Answer:
@@ -56,9 +61,10 @@ class Answer:
     def json(self) -> Any:
         try:
             return msgspec.json.decode(self.raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise Unreachable(
-                f"{self.where} answered HTTP {self.status} with a body that is not JSON"
+                f"{self.where} answered HTTP {self.status} with a body that is not "
+                "JSON, or nested too deeply to read"
             ) from None
 
     def load(self) -> tuple[int, int] | None:
@@ -71,14 +77,22 @@ class Answer:
     def error(self) -> P2PLBError:
         try:
             body = msgspec.json.decode(self.raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             body = None
-        retry_after = None
-        with contextlib.suppress(ValueError):
-            retry_after = float(self.headers.get("Retry-After", ""))
         return error_from_body(
-            self.status, body, where=self.where, retry_after=retry_after
+            self.status, body, where=self.where, retry_after=self.retry_after()
         )
+
+    def retry_after(self) -> float | None:
+        """``Retry-After`` in seconds, if it is the whole number p2plb sends.
+
+        ``float`` would also take "nan", "inf" and "-1"; the HTTP-date form is
+        not read (no p2plb server sends it).
+        """
+        value = self.headers.get("Retry-After")
+        if value is None or _SECONDS.fullmatch(value) is None:
+            return None
+        return float(value)
 
 
 def open_session(
@@ -159,8 +173,16 @@ def as_object(answer: Any) -> dict[str, Any]:
 
 def count(answer: dict[str, Any], key: str) -> int:
     value = answer.get(key)
-    if type(value) is not int:
-        raise Unreachable(f"an answer without a count of {key!r}: {answer!r}")
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise Unreachable(f"an answer without a count of {key!r}: {answer!r:.200}")
+    return value
+
+
+def strings(answer: dict[str, Any], key: str) -> list[str]:
+    """``answer[key]``, which must be a list of strings."""
+    value = answer.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Unreachable(f"an answer without a list of {key!r}: {answer!r:.200}")
     return value
 
 
