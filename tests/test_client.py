@@ -106,6 +106,7 @@ def test_sync_client_every_method(procs: Procs, mode: str) -> None:
         "retries": 0,
         "requests": {"i1": 15},
         "errors": {},
+        "avoided": {},
         "table_version": stats["table_version"],
         "table_source": "balancer",
         "strategy": "least_load",

@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -510,6 +511,13 @@ async def test_routed_clients_avoid_an_indexer_whose_requests_fail(
         stats = await client.stats()
         assert (bad.hits, good.hits) == (3, 40)
         assert stats["errors"] == {"bad": 3}
+        assert stats["avoided"].keys() == {"bad"}
+        assert re.fullmatch(
+            r"3 failed requests in a row, the last: answered HTTP 500: an "
+            r"unexpected error occurred; "
+            r"tried again in [0-5]\.\d s",
+            stats["avoided"]["bad"],
+        ), stats["avoided"]
         avoided = [r.getMessage() for r in caplog.records if "avoided" in r.msg]
         assert avoided == [f"client.indexer_avoided id=bad address={bad.url} for_s=5.0"]
 

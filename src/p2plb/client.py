@@ -262,6 +262,7 @@ class AsyncClient(AsyncAliases):
             "retries": self._retries,
             "requests": dict(self._table.requests),
             "errors": dict(self._table.errors),
+            "avoided": self._table.avoided(),
             "table_version": self._table.version,
             "table_source": self._table.source,
             "strategy": self._table.strategy,
@@ -422,6 +423,7 @@ class AsyncClient(AsyncAliases):
         self._table.begin(target.id)
         outcome: Outcome = "failed"
         load = service = None
+        failure = ""
         try:
             answer = await self._send(
                 method, target.address + path, body, headers, where, seconds
@@ -440,8 +442,11 @@ class AsyncClient(AsyncAliases):
         except asyncio.CancelledError:
             outcome = "cancelled"  # the caller went away: not the indexer's fault
             raise
+        except P2PLBError as exc:
+            failure = str(exc).removeprefix(where).lstrip(": ")
+            raise
         finally:
-            self._table.finish(target.id, outcome, load, service)
+            self._table.finish(target.id, outcome, load, service, failure)
 
     async def _send(
         self,

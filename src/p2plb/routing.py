@@ -149,9 +149,9 @@ class _View:
     """What this client knows about one indexer."""
 
     __slots__ = (
-        "address", "avoid_for", "avoid_until", "capacity", "failures", "header_at",
-        "header_load", "healthy", "id", "inflight", "probation", "service",
-        "service_at", "state", "table_load",
+        "address", "avoid_for", "avoid_until", "avoid_why", "capacity", "failures",
+        "header_at", "header_load", "healthy", "id", "inflight", "last_error",
+        "probation", "service", "service_at", "state", "table_load",
     )  # fmt: skip
 
     def __init__(self, row: Row, avoid_for: float) -> None:
@@ -168,6 +168,8 @@ class _View:
         self.service_at = -math.inf  # when an answer last said it
         self.failures = 0
         self.avoid_until: float | None = None
+        self.avoid_why = ""
+        self.last_error = ""
         self.avoid_for = avoid_for
         self.probation = False
 
@@ -325,10 +327,12 @@ class RoutingTable:
         outcome: Outcome,
         load: tuple[int, int] | None = None,
         service: float | None = None,
+        error: str = "",
     ) -> None:
         """A request to ``id`` ended: answered, failed, refused for load, or
         given up by the caller (which says nothing about the indexer).
-        ``load`` and ``service`` are what the answer's headers said."""
+        ``load`` and ``service`` are what the answer's headers said; ``error``
+        what a failure was, for ``avoided``."""
         if outcome in ("failed", "busy"):
             self.errors[id] += 1
         view = self._views.get(id)
@@ -348,6 +352,7 @@ class RoutingTable:
                 view.probation, view.avoid_for = False, self.avoid_for
         elif outcome == "failed":
             view.failures += 1
+            view.last_error = error or "failed"
             if view.probation or view.failures >= self.failure_limit:
                 self._avoid(view, now)
         self._sync(view, now)
@@ -459,8 +464,24 @@ class RoutingTable:
         for pool in self._pools.values():
             pool.drop(id)
 
+    def avoided(self) -> dict[str, str]:
+        """The indexers this client leaves out for now, each with why."""
+        now = self._clock()
+        return {
+            view.id: f"{view.avoid_why}; tried again in "
+            f"{max(0.0, view.avoid_until - now):.1f} s"
+            for view in self._views.values()
+            if view.avoid_until is not None
+        }
+
     def _avoid(self, view: _View, now: float) -> None:
         view.avoid_until = now + view.avoid_for
+        view.avoid_why = (
+            f"failed on probation: {view.last_error}"
+            if view.probation
+            else f"{view.failures} failed requests in a row, the last: "
+            f"{view.last_error}"
+        )
         logger.info(
             "client.indexer_avoided id=%s address=%s for_s=%.1f",
             view.id,
