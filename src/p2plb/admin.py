@@ -2,7 +2,9 @@
 
 Balancers share nothing (design.md "Processes"), so every call goes to each
 balancer given, concurrently, and the answers are kept per balancer: the CLI
-shows all of them and says when they disagree.
+shows all of them and says when they disagree.  A request goes through
+``p2plb.transport``, so a failed connection is described as the client
+describes it (and the TLS hint is the same).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from p2plb.errors import P2PLBError, Timeout, Unreachable, error_from_body
+from p2plb import transport
+from p2plb.errors import P2PLBError, Unreachable
 from p2plb.wire import encode
 
 __all__ = ["Answer", "get_status", "get_strategy", "set_strategy"]
@@ -40,31 +43,22 @@ async def _call(
     body: dict[str, Any] | None,
     headers: dict[str, str],
 ) -> Answer:
+    where = f"balancer {balancer}"
     data = encode(body) if body is not None else None
     try:
-        async with session.request(
-            method, balancer + path, data=data, headers=headers
-        ) as response:
-            try:
-                payload = await response.json(content_type=None)
-            except ValueError:
-                payload = None
-            if response.status >= 400 or not isinstance(payload, dict):
-                where = f"balancer {balancer}"
-                return Answer(
-                    balancer,
-                    error=error_from_body(response.status, payload, where=where),
-                )
-            return Answer(balancer, body=payload)
-    except TimeoutError:
-        return Answer(
-            balancer, error=Timeout(f"balancer {balancer} did not answer in time")
+        answer = await transport.send(
+            session, method, balancer + path, data, headers, where, _TIMEOUT
         )
-    except aiohttp.ClientError as exc:
-        reason = str(exc) or type(exc).__name__
-        return Answer(
-            balancer, error=Unreachable(f"balancer {balancer} is unreachable: {reason}")
-        )
+        if answer.status >= 400:
+            raise answer.error()
+        payload = answer.json()
+    except P2PLBError as exc:
+        return Answer(balancer, error=exc)
+
+    if not isinstance(payload, dict):
+        message = f"{where} answered HTTP {answer.status} with no JSON object"
+        return Answer(balancer, error=Unreachable(message))
+    return Answer(balancer, body=payload)
 
 
 async def _each(
