@@ -28,6 +28,7 @@ from p2plb.cli import (
     cli,
 )
 from p2plb.client import AsyncClient
+from p2plb.display import print_status, printable
 from p2plb.errors import ConfigError, P2PLBError, RequestError, UsageError
 from p2plb.tls import client_context
 from p2plb.wire import check_address
@@ -81,7 +82,7 @@ def _errors(answers: Sequence[Answer]) -> bool:
     failed = False
     for answer in answers:
         if answer.error is not None:
-            click.echo(f"p2plb: error: {answer.error}", err=True)
+            click.echo(f"p2plb: error: {printable(str(answer.error))}", err=True)
             failed = True
     return failed
 
@@ -101,8 +102,6 @@ def status(balancers: tuple[str, ...], as_json: bool, ca_file: str | None) -> No
         ]
         click.echo(json.dumps(shown, indent=2))
     else:
-        from p2plb.display import print_status
-
         for answer in answers:
             if answer.body is not None:
                 print_status(answer.balancer, answer.body)
@@ -131,17 +130,20 @@ def strategy(
     else:
         answers = _run(set_strategy(urls, name, admin_token, _tls(ca_file)))
 
-    seen = {a.balancer: a.body.get("strategy") for a in answers if a.body is not None}
+    # admin kept only answers whose strategy is a string.
+    seen: dict[str, str] = {
+        a.balancer: a.body["strategy"] for a in answers if a.body is not None
+    }
     if as_json:
         click.echo(json.dumps({"strategies": seen}, indent=2))
     else:
         for balancer_url, active in seen.items():
-            click.echo(f"{balancer_url}  {active}")
+            click.echo(f"{balancer_url}  {printable(active)}")
     failed = _errors(answers)
     if len(set(seen.values())) > 1:
         click.echo(
             "p2plb: warning: balancers disagree on the strategy: "
-            + ", ".join(f"{b}={s}" for b, s in seen.items()),
+            + ", ".join(f"{b}={printable(s)}" for b, s in seen.items()),
             err=True,
         )
     if failed:

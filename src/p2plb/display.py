@@ -3,18 +3,25 @@
 Every value shown is a ``rich.text.Text``, never a string: rich reads a string
 as markup, so an IPv6 address (``http://[fe80::1]:7401``) lost its host and a
 health reason holding ``[/]`` made the command fail with a ``MarkupError``.
+Nor is any value trusted to be of the type p2plb sends: a balancer of another
+version, or a hostile one, may put a string where a number goes, an object
+where a string goes, or terminal escapes in a reason.  ``admin`` has checked
+the shape the table needs (rows are objects, nesting is shallow); every cell
+is shown whatever it holds, with control characters escaped.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import unicodedata
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["print_status"]
+__all__ = ["printable", "print_status"]
 
 _COLUMNS = (
     "id",
@@ -33,8 +40,46 @@ _COLUMNS = (
 _TEXT_COLUMNS = frozenset({"id", "address", "health", "state", "reason"})
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped, as ``repr`` writes them.
+
+    Rich keeps ESC, and a terminal obeys what follows it; a newline would cut
+    a one-line error in two.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char
+        for char in text
+    )
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict | list):
+        return printable(json.dumps(value))
+    return str(value)
+
+
+def _get(mapping: dict[str, Any], key: str) -> str:
+    return _plain(mapping.get(key))
+
+
 def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.1f}"
+    return _plain(value)
+
+
+def _health(value: Any) -> Text:
+    if value is True:
+        return Text("healthy", "green")
+    if value is False:
+        return Text("unhealthy", "red")
+    return Text(_plain(value))
 
 
 def print_status(
@@ -44,32 +89,34 @@ def print_status(
     # table is read whole, so let it be as wide as it needs.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     title = Text(
-        f"{balancer}  strategy={status.get('strategy')}  "
-        f"healthy={status.get('healthy_indexers')}/{status.get('total_indexers')}  "
-        f"requests={status.get('total_requests')}  "
-        f"routed={status.get('routed_requests')}  "
-        f"uptime={status.get('uptime_seconds')}s"
+        f"{balancer}  strategy={_get(status, 'strategy')}  "
+        f"healthy={_get(status, 'healthy_indexers')}/"
+        f"{_get(status, 'total_indexers')}  "
+        f"requests={_get(status, 'total_requests')}  "
+        f"routed={_get(status, 'routed_requests')}  "
+        f"uptime={_get(status, 'uptime_seconds')}s"
     )
     table = Table(title=title, title_justify="left")
     for column in _COLUMNS:
         numeric = column not in _TEXT_COLUMNS
         table.add_column(column, justify="right" if numeric else "left")
     for row in status.get("indexers", []):
-        latency = row.get("latency_ms") or {}
-        healthy = bool(row.get("healthy"))
+        latency = row.get("latency_ms")
+        if not isinstance(latency, dict):
+            latency = {}
         cells = (
-            row.get("id"),
-            row.get("address"),
-            Text(*(("healthy", "green") if healthy else ("unhealthy", "red"))),
-            row.get("state"),
-            f"{row.get('current_load')}/{row.get('capacity')}",
-            row.get("load_percentage"),
-            row.get("requests"),
-            row.get("routed"),
-            row.get("errors"),
+            _get(row, "id"),
+            _get(row, "address"),
+            _health(row.get("healthy")),
+            _get(row, "state"),
+            f"{_get(row, 'current_load')}/{_get(row, 'capacity')}",
+            _get(row, "load_percentage"),
+            _get(row, "requests"),
+            _get(row, "routed"),
+            _get(row, "errors"),
             _ms(latency.get("p50")),
             _ms(latency.get("p99")),
-            row.get("health_reason"),
+            _get(row, "health_reason"),
         )
-        table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in cells))
+        table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
     console.print(table)
