@@ -208,3 +208,34 @@ def test_a_strategy_name_is_shown_escaped(fake: FakeBalancer) -> None:
 
     assert (result.exit_code, result.stderr) == (0, "")
     assert result.stdout == f"{fake.url}  p2c\\x1b[2J\n"
+
+
+def test_status_exits_1_when_one_balancer_of_two_fails(fake: FakeBalancer) -> None:
+    dead = dead_url()
+    fake.body = b'{"strategy": "p2c", "indexers": []}'
+    both = ("--balancer", fake.url, "--balancer", dead)
+
+    result = run("status", *both)
+    as_json = run("status", "--json", *both)
+
+    failure = f"balancer {dead}: cannot connect (connection refused)"
+    assert (result.exit_code, result.stderr) == (1, f"p2plb: error: {failure}\n")
+    assert result.stdout.splitlines()[0].rstrip() == (
+        f"{fake.url}  strategy=p2c  healthy=-/-  requests=-  routed=-  uptime=-s"
+    )
+    assert (as_json.exit_code, as_json.stderr) == (1, result.stderr)
+    assert json.loads(as_json.stdout) == [
+        {"balancer": fake.url, "status": {"strategy": "p2c", "indexers": []}},
+        {"balancer": dead, "error": failure},
+    ]
+
+
+@pytest.mark.parametrize("command", ["status", "strategy"])
+def test_help_gives_the_exit_code(command: str) -> None:
+    result = run(command, "--help")
+
+    assert result.exit_code == 0
+    assert (
+        "Exit code 1 when a balancer given did not answer or answered an error; "
+        "what the others answered is still shown."
+    ) in " ".join(result.output.split())  # as click wraps it

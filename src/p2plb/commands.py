@@ -90,7 +90,11 @@ def _errors(answers: Sequence[Answer]) -> bool:
 @cli.command()
 @_balancer_option
 def status(balancers: tuple[str, ...], as_json: bool, ca_file: str | None) -> None:
-    """Show each balancer's view of its indexers, as a table (--json for machines)."""
+    """Show each balancer's view of its indexers, as a table (--json for machines).
+
+    Exit code 1 when a balancer given did not answer or answered an error;
+    what the others answered is still shown.
+    """
     urls = _balancer_urls(balancers)
     answers = _run(get_status(urls, _tls(ca_file)))
     if as_json:
@@ -123,6 +127,9 @@ def strategy(
     """Show the active strategy, or set it to NAME on every balancer given.
 
     NAME is one of least_load, round_robin, random, p2c, least_latency.
+
+    Exit code 1 when a balancer given did not answer or answered an error;
+    what the others answered is still shown.
     """
     urls = _balancer_urls(balancers)
     if name is None:
