@@ -43,13 +43,20 @@ def test_a_private_ca_without_ca_file_gets_the_hint(
     )
 
     untrusting = run("status", "--balancer", balancer.url)
+    reading = run("get", "songs", "--balancer", balancer.url)
     trusting = run("status", "--json", "--balancer", balancer.url, "--ca-file", str(ca))
 
+    # One description for every command, naming only the flag.
+    why = (
+        f"balancer {balancer.url}: TLS certificate not trusted (unable to get "
+        "local issuer certificate); pass the cluster's CA with --ca-file"
+    )
     assert (untrusting.exit_code, untrusting.stdout) == (1, "")
-    assert untrusting.stderr == (
-        f"p2plb: error: balancer {balancer.url}: TLS certificate not trusted "
-        "(unable to get local issuer certificate); pass the cluster's CA with "
-        "ca_file= or --ca-file\n"
+    assert untrusting.stderr == f"p2plb: error: {why}\n"
+    assert (reading.exit_code, reading.stdout) == (1, "")
+    assert reading.stderr == (
+        f"p2plb: error: no balancer answered ({why}) and no indexers were given "
+        "to call directly (with --indexer)\n"
     )
     assert (trusting.exit_code, trusting.stderr) == (0, "")
 

@@ -371,6 +371,6 @@ def test_simulate_command() -> None:
     bad = runner.invoke(cli, ["simulate", "nope"])
     assert (bad.exit_code, bad.output) == (
         2,
-        "p2plb: error: scenario: must be one of steady, antagonist, stale, large; "
+        "p2plb: error: SCENARIO: must be one of steady, antagonist, stale, large; "
         "got 'nope'\n",
     )

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -47,6 +47,37 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"p2plb: error: {message}", err=True)
     sys.exit(code)
+
+
+# The library's hints speak to Python callers as well, naming its arguments;
+# a user of the command line gave flags, so the CLI's errors name only those.
+_LIBRARY_HINTS = (
+    ("ca_file= or --ca-file", "--ca-file"),
+    ("(indexers=[...], or --indexer)", "(with --indexer)"),
+)
+
+
+def _as_given(message: str, names: Mapping[str, str] | None = None) -> str:
+    """A library's ``message`` in the words of the command line.
+
+    A message that starts with the field at fault (``items: must not be
+    empty``) names it as the user gave it, by ``names`` (``ITEM: ...``).
+    """
+    field, colon, reason = message.partition(": ")
+    if colon and names and field in names:
+        message = names[field] + colon + reason
+    for library, flag in _LIBRARY_HINTS:
+        message = message.replace(library, flag)
+    return message
+
+
+def _given_as(parameter: str, flag: str) -> str:
+    """``flag``, or its environment variable when that is what set ``parameter``."""
+    context = click.get_current_context()
+    if context.get_parameter_source(parameter) is not ParameterSource.ENVIRONMENT:
+        return flag
+    option = next(p for p in context.command.params if p.name == parameter)
+    return str(option.envvar)
 
 
 def _default_text(setting: Setting) -> str:
@@ -236,12 +267,13 @@ DEFAULT_BALANCER = "http://127.0.0.1:7400"
 def _balancer_urls(given: Sequence[str]) -> list[str]:
     """--balancer (repeatable), else P2PLB_BALANCERS, else the local default."""
     raw: object = list(given) or os.environ.get("P2PLB_BALANCERS") or [DEFAULT_BALANCER]
+    label = "--balancer" if given else "P2PLB_BALANCERS"
     try:
-        urls = [check_address(u, field="balancer") for u in _split_list(raw)]
+        urls = [check_address(u, field=label) for u in _split_list(raw)]
     except RequestError as exc:
-        _fail("--balancer: " + exc.message.split(": ", 1)[-1])
+        _fail(exc.message)
     if not urls:
-        _fail("--balancer: give at least one balancer URL")
+        _fail(f"{label}: give at least one balancer URL")
     return urls
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import click
@@ -21,9 +21,11 @@ from p2plb.cli import (
     DEFAULT_BALANCER,
     F,
     T,
+    _as_given,
     _balancer_urls,
     _ca_option,
     _fail,
+    _given_as,
     _run,
     cli,
 )
@@ -75,14 +77,19 @@ def _tls(ca_file: str | None) -> ssl.SSLContext:
     try:
         return client_context(ca_file)
     except ConfigError as exc:
-        _fail(str(exc))
+        _fail(_as_given(str(exc), {"--ca-file": _given_as("ca_file", "--ca-file")}))
+
+
+def _said(error: P2PLBError, names: Mapping[str, str] | None = None) -> str:
+    """One line for ``error``: what a remote node said may hold newlines."""
+    return printable(_as_given(str(error), names))
 
 
 def _errors(answers: Sequence[Answer]) -> bool:
     failed = False
     for answer in answers:
         if answer.error is not None:
-            click.echo(f"p2plb: error: {printable(str(answer.error))}", err=True)
+            click.echo(f"p2plb: error: {_said(answer.error)}", err=True)
             failed = True
     return failed
 
@@ -190,6 +197,10 @@ def _index_options(func: F) -> F:
     )(func)
 
 
+# The client names what it checks by its own arguments.
+_ARGUMENTS = {"index": "INDEX", "item": "ITEM", "items": "ITEM"}
+
+
 def _index_call(
     balancers: tuple[str, ...],
     indexers: tuple[str, ...],
@@ -205,6 +216,7 @@ def _index_call(
         direct = [check_address(u, field="--indexer") for u in indexers]
     except RequestError as exc:
         _fail(exc.message)
+    _tls(ca_file)  # checked here: the client would call a bad one ca_file
 
     async def run() -> T:
         async with AsyncClient(urls, direct, mode=mode, ca_file=ca_file) as client:
@@ -213,9 +225,9 @@ def _index_call(
     try:
         return _run(run())
     except UsageError as exc:
-        _fail(str(exc))
+        _fail(_said(exc, _ARGUMENTS))
     except P2PLBError as exc:
-        _fail(str(exc), code=1)
+        _fail(_said(exc), code=1)
 
 
 @cli.command(name="add")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 
 import click
 
-from p2plb.cli import _fail, _run, cli
+from p2plb.cli import T, _as_given, _fail, _run, cli
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import P2PLBError, UsageError
 from p2plb.logs import configure
@@ -96,6 +97,17 @@ def demo(
     sys.exit(code)
 
 
+# What p2plb.simulation calls the settings it checks, as simulate takes them.
+_SIMULATE_NAMES = {
+    "scenario": "SCENARIO",
+    "strategies": "--strategy",
+    "duration": "--duration",
+    "indexers": "--indexers",
+    "load": "--load",
+    "report_interval": "--report-interval",
+}
+
+
 @cli.command()
 @click.argument("scenario", default="steady")
 @click.option(
@@ -151,7 +163,7 @@ def simulate(
             report_interval=report_interval,
         )
     except P2PLBError as exc:
-        _fail(str(exc))
+        _fail(_as_given(str(exc), _SIMULATE_NAMES))
     if as_json:
         click.echo(report.to_json(indent=2))
     else:
@@ -291,10 +303,8 @@ def bench(
             duration=duration,
             warmup=warmup,
             load=load,
-            capacities=(
-                tuple(int(c) for c in capacities.split(",")) if capacities else None
-            ),
-            service_time=parse_duration(service_time) if service_time else None,
+            capacities=_flag("--capacities", _capacities, capacities),
+            service_time=_flag("--service-time", parse_duration, service_time),
             queue_limit=queue_limit,
             connections=connections,
             seed=seed,
@@ -304,8 +314,6 @@ def bench(
         )
         if plot_path:
             require_matplotlib()
-    except ValueError as exc:
-        _fail(f"{exc}")
     except UsageError as exc:
         _fail(str(exc))
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -320,6 +328,25 @@ def bench(
         Path(json_path).write_text(report.to_json())
     if plot_path:
         plot(report, plot_path)
+
+
+def _flag(flag: str, parse: Callable[[str], T], value: str | None) -> T | None:
+    """``value`` parsed, or None when not given; a bad one ends the command."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        _fail(f"{flag}: {exc}")
+
+
+def _capacities(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"expected whole numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _interrupt(signum: int, frame: object) -> None:
