@@ -158,6 +158,7 @@ class Reporter:
     async def _run(self, balancer: str) -> None:
         backoff = 0.2
         reachable = True
+        refused: tuple[int, str] | None = None  # the refusal last logged
         while True:
             try:
                 if balancer not in self._registered:
@@ -168,17 +169,28 @@ class Reporter:
                     return
                 if not reachable:
                     logger.info("reporter.balancer_back balancer=%s", balancer)
-                reachable = True
+                reachable, refused = True, None
                 await self._pause(self.interval * self._rng.uniform(0.9, 1.0))
             except (aiohttp.ClientError, TimeoutError, _Rejected) as exc:
                 self._lost(balancer)
-                if reachable:
+                # A refusal (a wrong token) is retried like an outage, since the
+                # operator may fix it on the balancer's side, but said as what
+                # it is: once, until it changes.
+                refusal = exc.refusal() if isinstance(exc, _Rejected) else None
+                if refusal is not None and refusal != refused:
+                    logger.error(
+                        "reporter.refused balancer=%s status=%d code=%s error=%s",
+                        balancer,
+                        *refusal,
+                        _why(exc),
+                    )
+                elif refusal is None and (reachable or refused is not None):
                     logger.warning(
                         "reporter.balancer_unreachable balancer=%s error=%s",
                         balancer,
                         _why(exc),
                     )
-                reachable = False
+                reachable, refused = False, refusal
                 # Retry registration soon (a restarted balancer should see us
                 # within a second or two), but never faster than the interval
                 # once it has been down for a while.
@@ -201,7 +213,11 @@ class Reporter:
         ) as response:
             answer = await _json(response)
             if response.status not in (200, 201):
-                raise _Rejected(f"registration answered {response.status}: {answer}")
+                raise _Rejected(
+                    f"registration answered {response.status}: {answer}",
+                    response.status,
+                    _code(answer),
+                )
         self._registered.add(balancer)
         logger.info(
             "reporter.registered balancer=%s id=%s address=%s new=%s",
@@ -244,7 +260,9 @@ class Reporter:
                 self.address,
             )
             return True
-        raise _Rejected(f"load report answered {status}: {answer}")
+        raise _Rejected(
+            f"load report answered {status}: {answer}", status, _code(answer)
+        )
 
     async def _watch_members(self) -> None:
         """Fetch the registered indexers every ``membership_interval``.
@@ -337,12 +355,35 @@ class MemberViews:
 class _Rejected(Exception):
     """A balancer answered, but not with what the protocol expects."""
 
+    def __init__(
+        self, message: str, status: int | None = None, code: str = "unknown"
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    def refusal(self) -> tuple[int, str] | None:
+        """(status, code) when the balancer said no: a 4xx other than 404,
+        which means it forgot this indexer, which registers again."""
+        if self.status is None or self.status == 404 or not 400 <= self.status < 500:
+            return None
+        return self.status, self.code
+
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
     try:
         return await response.json(content_type=None)
     except ValueError:
         return None
+
+
+def _code(answer: Any) -> str:
+    """The code of an error answer, if it is a word fit for a log line."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, str) and code.isascii() and code.isidentifier():
+        return code[:64]
+    return "unknown"
 
 
 def _why(exc: BaseException) -> str:
