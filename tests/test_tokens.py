@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,6 +13,11 @@ from p2plb.tokens import authorized_as
 from procs import Procs, eventually, request
 
 ROLES = {"cluster": "c-secret", "admin": "a-secret"}
+REQUIRED = "Authorization: a Bearer cluster or admin token is required"
+EXPECTED = (
+    'Authorization: expected a Bearer cluster or admin token, as "Bearer <token>"'
+)
+NOT_VALID = "Authorization: the token is not valid here"
 
 
 @pytest.mark.parametrize(
@@ -19,10 +25,15 @@ ROLES = {"cluster": "c-secret", "admin": "a-secret"}
     [
         ("Bearer c-secret", "cluster"),
         ("bearer a-secret", "admin"),
-        (None, (401, "missing_token")),
-        ("Bearer nope", (403, "wrong_token")),
-        ("Basic c-secret", (403, "wrong_token")),
-        ("c-secret", (403, "wrong_token")),
+        ("  Bearer   c-secret ", "cluster"),
+        (None, (401, "missing_token", REQUIRED)),
+        ("Bearer nope", (403, "wrong_token", NOT_VALID)),
+        ("Basic c-secret", (401, "missing_token", EXPECTED)),
+        ("Basic", (401, "missing_token", EXPECTED)),
+        ("c-secret", (401, "missing_token", EXPECTED)),
+        ("Bearer", (401, "missing_token", EXPECTED)),
+        ("Bearer  ", (401, "missing_token", EXPECTED)),
+        ("", (401, "missing_token", EXPECTED)),
     ],
 )
 def test_roles(header: str | None, outcome: object) -> None:
@@ -31,7 +42,7 @@ def test_roles(header: str | None, outcome: object) -> None:
         return
     with pytest.raises(RequestError) as info:
         authorized_as(header, ROLES)
-    assert (info.value.status, info.value.code) == outcome
+    assert (info.value.status, info.value.code, info.value.message) == outcome
 
 
 def test_an_unset_token_leaves_its_role_open() -> None:
@@ -140,3 +151,35 @@ async def test_balancer_and_indexers_with_tokens(
             http, "DELETE", f"{url}/v1/indexers/i2", headers=bearer("a-secret")
         )
     )[0] == 204
+
+
+async def test_another_scheme_than_bearer_is_a_missing_token(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    tokens = ("--cluster-token", "c-secret", "--admin-token", "a-secret")
+    balancer = procs.balancer("balancer", *tokens)
+    indexer = procs.indexer("i1", "--cluster-token", "c-secret")
+    basic = {"Authorization": "Basic Yzpj"}
+    entry = {"id": "x", "address": "http://127.0.0.1:9", "capacity": 1}
+
+    registered = await request(
+        http, "POST", f"{balancer.url}/v1/indexers", json=entry, headers=basic
+    )
+    pushed = await request(
+        http,
+        "POST",
+        f"{indexer.url}/internal/v1/push",
+        json={"origin": "z", "upto": 1},
+        headers=basic,
+    )
+
+    def expected(roles: str) -> dict[str, Any]:
+        message = f'Authorization: expected a Bearer {roles} token, as "Bearer <token>"'
+        return {"error": {"code": "missing_token", "message": message}}
+
+    for (status, body, headers), roles in (
+        (registered, "cluster or admin"),
+        (pushed, "cluster"),
+    ):
+        assert (status, body) == (401, expected(roles))
+        assert headers["WWW-Authenticate"] == "Bearer"

@@ -16,27 +16,37 @@ from p2plb.errors import RequestError
 __all__ = ["authorized_as", "require"]
 
 
-def _bearer(header: str | None) -> str | None:
-    if header is None:
+def _bearer(header: str) -> str | None:
+    """The token of ``Bearer <token>``; None for another scheme, or no token."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
         return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    return token.strip() or None
 
 
 def authorized_as(header: str | None, tokens: dict[str, str | None]) -> str | None:
     """The first role whose token the header carries, or whose token is unset.
 
-    Raises ``401 missing_token`` without a header and ``403 wrong_token`` with
-    a token that matches no role.
+    Raises ``401 missing_token`` without a Bearer token (no header, or another
+    scheme such as Basic: no token of ours was offered) and ``403 wrong_token``
+    with a token that matches no role.
     """
     open_roles = [role for role, token in tokens.items() if not token]
     if open_roles:
         return open_roles[0]
-    given = _bearer(header)
+    roles = " or ".join(tokens)
+    given = None if header is None else _bearer(header)
     if given is None:
-        roles = " or ".join(tokens)
+        message = (
+            f"a Bearer {roles} token is required"
+            if header is None
+            else f'expected a Bearer {roles} token, as "Bearer <token>"'
+        )
         raise RequestError(
-            401, "missing_token", f"Authorization: a Bearer {roles} token is required"
+            401,
+            "missing_token",
+            f"Authorization: {message}",
+            headers={"WWW-Authenticate": "Bearer"},  # RFC 6750 section 3
         )
     for role, token in tokens.items():
         assert token is not None
