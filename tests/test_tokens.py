@@ -89,6 +89,45 @@ async def test_the_token_is_checked_before_the_id(
         assert (status, body) == (400, bad_id), path
 
 
+async def test_a_cluster_token_alone_guards_the_cluster_not_the_operator(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # No admin token (allowed on loopback): the admin's actions are open, but
+    # registering and reporting still need the cluster token.
+    url = procs.balancer("balancer", "--cluster-token", "c-secret").url
+    entry = {"id": "i1", "address": "http://127.0.0.1:9", "capacity": 1}
+
+    status, body, _ = await request(http, "POST", f"{url}/v1/indexers", json=entry)
+    assert (status, body) == (
+        401,
+        {
+            "error": {
+                "code": "missing_token",
+                "message": "Authorization: a Bearer cluster token is required",
+            }
+        },
+    )
+    status, body, _ = await request(
+        http, "POST", f"{url}/v1/indexers", json=entry, headers=bearer("guess")
+    )
+    assert (status, body["error"]["code"]) == (403, "wrong_token")
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/indexers/i1/load", json={"load": 0}
+    )
+    assert (status, body["error"]["code"]) == (401, "missing_token")
+    status, _, _ = await request(
+        http, "POST", f"{url}/v1/indexers", json=entry, headers=bearer("c-secret")
+    )
+    assert status == 201
+
+    status, body, _ = await request(
+        http, "PUT", f"{url}/v1/strategy", json={"strategy": "p2c"}
+    )
+    assert (status, body) == (200, {"strategy": "p2c"})
+    status, _, _ = await request(http, "DELETE", f"{url}/v1/indexers/i1")
+    assert status == 204
+
+
 async def test_balancer_and_indexers_with_tokens(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

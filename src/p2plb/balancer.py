@@ -301,11 +301,13 @@ class Balancer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def _cluster(self, request: web.Request) -> str:
-        """Registering and reporting: the cluster token (or the admin's)."""
-        return require(
-            request.headers.get("Authorization"),
-            {"cluster": self.config.cluster_token, "admin": self.config.admin_token},
-        )
+        """Registering and reporting: the cluster token (or the admin's, when
+        one is set: an unset admin token opens the admin's own actions, never
+        the cluster's)."""
+        tokens = {"cluster": self.config.cluster_token}
+        if self.config.admin_token:
+            tokens["admin"] = self.config.admin_token
+        return require(request.headers.get("Authorization"), tokens)
 
     def _admin(self, request: web.Request) -> str:
         return require(
@@ -339,7 +341,12 @@ class Balancer:
     async def unregister(self, request: web.Request) -> web.Response:
         # The token before the id, here and in report: a caller without one
         # learns nothing, not even which ids are well formed.
-        role = self._cluster(request)
+        # Either role may remove, so an unset admin token leaves it open to
+        # operators (on loopback, as the config insists).
+        role = require(
+            request.headers.get("Authorization"),
+            {"cluster": self.config.cluster_token, "admin": self.config.admin_token},
+        )
         indexer_id = check_indexer_id(request.match_info["id"])
         instance = request.headers.get(INSTANCE_HEADER) or None
         if role == "cluster" and self.config.cluster_token:
