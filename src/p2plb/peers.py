@@ -54,7 +54,6 @@ class Peer:
     id: str
     address: str
     healthy: bool = True
-    state: str = "serving"
     # Every local operation up to ``acked`` is durable at the peer; None when
     # unknown (after a restart or an overflow) until the peer says so.
     acked: int | None = None

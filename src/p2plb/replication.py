@@ -156,8 +156,9 @@ class Replicator(PeerStreams, AntiEntropy):
                 continue
             seen.add(member_id)
             peer = self._peer(member_id, address)
+            # Its "state" is not taken: the balancer's word on it may be older
+            # than the peer (see ``AntiEntropy._catch_up``).
             peer.healthy = bool(member.get("healthy", True))
-            peer.state = str(member.get("state", "serving"))
         for gone in set(self.peers) - seen - self._static_ids():
             self._drop(gone)
         self.registered = 1 + len(self.peers)
@@ -388,9 +389,12 @@ class Replicator(PeerStreams, AntiEntropy):
         self._spawn(run())
 
     async def summary(self) -> dict[str, Any]:
+        """What this replica holds; ``state`` says whether a node catching up
+        may take it as its source (only a serving one)."""
         marks, digests = await self.storage.summary()
         return {
             "protocol": PROTOCOL,
+            "state": self.state,
             "marks": marks,
             "indices": {k: list(v) for k, v in digests.items()},
         }
