@@ -415,3 +415,26 @@ async def test_a_whole_cluster_restarted_at_once_takes_no_syncing_source(
     async with aiohttp.ClientSession() as fresh:  # the old connections are dead
         await converged(fresh, list(indexers.values()))
         assert await contents(fresh, indexers["i3"].url) == {"songs": sorted(items)}
+
+
+async def test_an_idle_cluster_does_not_write_to_disk(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # Found with --log-level debug: each idle indexer committed (one fsync
+    # each) 5 to 15 times a second, for heartbeats that changed nothing.  Each
+    # commit logs storage.committed at DEBUG; each push received is logged by
+    # the access log at DEBUG too.
+    _, indexers = await start_cluster(procs, 3, "--log-level", "debug")
+    await add(http, indexers["i1"].url, "songs", ["a", "b"])
+    await converged(http, list(indexers.values()))
+    await asyncio.sleep(1.0)  # the last watermarks settle, by heartbeats
+
+    def counts(pattern: str) -> dict[str, int]:
+        return {n: len(re.findall(pattern, p.log())) for n, p in indexers.items()}
+
+    commits, pushes = counts("storage.committed"), counts("POST /internal/v1/push")
+    await asyncio.sleep(3.0)
+
+    assert counts("storage.committed") == commits
+    heard = counts("POST /internal/v1/push")
+    assert all(heard[n] >= pushes[n] + 10 for n in indexers), (pushes, heard)

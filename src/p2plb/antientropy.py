@@ -71,6 +71,7 @@ class AntiEntropy:
     _clock: Callable[[], float]
     _changed: asyncio.Event
     _members_known: asyncio.Event
+    _last_up: int  # the clock on disk at start: when this replica was last up
 
     def _live(self, peer: Peer) -> bool:
         quiet = self._clock() - peer.heard > self.settings.quiet_after
@@ -189,7 +190,9 @@ class AntiEntropy:
         """Away longer than the grace, peers may have dropped tombstones this
         replica never saw; its old entries could bring removed items back, so it
         starts afresh from a serving peer instead."""
-        last_ms = self.storage.committed >> 16
+        # The clock as the store was opened, not as it is now: this process
+        # commits too (merged pushes, ticks) and moves it on.
+        last_ms = self._last_up >> 16
         away = time.time() - last_ms / 1000
         if last_ms == 0 or away <= self.settings.tombstone_grace:
             return
@@ -199,6 +202,7 @@ class AntiEntropy:
             self.settings.tombstone_grace,
         )
         await self.storage.wipe()
+        self._last_up = self.storage.committed  # once is enough
 
     async def _collect_tombstones(self) -> None:
         """Drop tombstones older than the grace that every registered peer holds."""
