@@ -33,6 +33,11 @@ class Proc:
         self.url = ""
 
     def start(self, timeout: float = 20.0) -> Proc:
+        self.spawn()
+        return self.wait_started(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it: several start at once."""
         env = dict(os.environ)
         env.pop("P2PLB_CONFIG", None)
         env["PYTHONUNBUFFERED"] = "1"
@@ -47,9 +52,17 @@ class Proc:
             env=env,
         )
         log.close()
+
+    def wait_started(self, timeout: float = 20.0) -> Proc:
         match = self.wait_for(STARTED, timeout)
         self.url = match.group(2)
         return self
+
+    def keep_port(self) -> None:
+        """Start again on the port it has now, as a server restarted in place
+        does: balancers and peers still know it by its address."""
+        port = self.url.rsplit(":", 1)[1]
+        self.args = [*self.args, "--port", port]  # the last --port wins
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[self._offset :]

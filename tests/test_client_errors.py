@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
+from loopback import serve
 from p2plb import AsyncClient
 from p2plb.errors import (
     InsufficientReplicas,
@@ -49,12 +50,7 @@ class Fake:
         app = web.Application()
         app.router.add_get("/v1/routing-table", self.table)
         app.router.add_route("*", "/v1/indices{rest:.*}", self.index)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
         return self
 
     async def stop(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from p2plb.corpus import Corpus, build_corpus, module_name
+from p2plb.demo import RecentRate, mean_rate
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -145,6 +146,28 @@ def test_module_names() -> None:
     assert module_name(root, root / "os.py") == "os"
 
 
+# -- the rates it shows ------------------------------------------------------------
+
+
+def test_the_live_rate_looks_back_over_its_window_only() -> None:
+    rate = RecentRate(window=2.0)
+    assert rate.text() == "0 requests/s (last 2 s)"
+
+    for now, calls in [(0.0, 0), (0.5, 4000), (1.0, 5000), (2.5, 5900)]:
+        rate.add(now, calls)
+
+    # The sample at 0.0 is out of the window: 1,900 requests in 2.0 s.
+    assert rate.per_second == 950.0
+    assert rate.text() == "950 requests/s (last 2 s)"
+
+
+def test_the_run_mean_is_the_figure_of_the_report_and_of_the_last_frame() -> None:
+    # A run from a report: the live line said 2,875 (the last seconds, then
+    # unlabelled) where the summary said 2,047 (the whole run).
+    assert mean_rate(30_714, 15.0) == "2,048 requests/s (mean of 15.0 s)"
+    assert mean_rate(0, 0.0) == "0 requests/s (mean of 0.0 s)"
+
+
 # -- p2plb demo, end to end ------------------------------------------------------
 
 
@@ -203,6 +226,9 @@ def test_demo_runs_fails_over_and_cleans_up(tmp_path: Path) -> None:
     assert re.search(r"Indexer i\d was killed with SIGKILL at [\d.]+ s", report)
     assert "Failed requests: 0" in out
     assert "Stopped the cluster" in out
+    # The live view's last frame and the report: one figure, saying what it is.
+    rates = re.findall(r"[\d,]+ requests/s \(mean of [\d.]+ s\)", out)
+    assert len(rates) == 2 and rates[0] == rates[1], rates
 
     pids = pids_of(out)
     assert len(pids) == 4

@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loopback import serve
 from p2plb import AsyncClient
 from p2plb.errors import NoHealthyIndexer
 from p2plb.state import load_state, save_state
@@ -75,10 +76,7 @@ class FakeIndexer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_route("*", "/v1/indices{rest:.*}", self._index)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._runner, self.url = await serve(app)
         return self
 
     async def stop(self) -> None:

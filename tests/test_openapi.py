@@ -101,6 +101,24 @@ def test_document_is_valid_openapi_3_1(role: str) -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_every_answer_with_a_body_has_a_schema(role: str) -> None:
+    missing = []
+    for path, operations in document(role)["paths"].items():
+        for method, operation in operations.items():
+            if operation["tags"] == ["internal"]:
+                continue  # between indexers: shapes private to p2plb
+            for status in ("200", "201"):
+                answer = operation["responses"].get(status)
+                if answer is None:
+                    continue
+                media = answer.get("content", {})
+                if not media or any("schema" not in m for m in media.values()):
+                    missing.append((method, path, status))
+
+    assert missing == []
+
+
 def routes(app: Any) -> set[tuple[str, str]]:
     return {
         (route.resource.canonical, route.method.lower())

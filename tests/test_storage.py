@@ -500,6 +500,38 @@ async def test_concurrent_writes_are_all_applied_with_distinct_versions(
     assert await store.max_version() == max(result.version for result in results)
 
 
+async def test_a_group_that_changes_nothing_touches_no_disk(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    store = Storage(path, "node-a", wall_ms=lambda: NOW_MS)
+    await store.open()
+    try:
+        stale = Op("songs", "x", True, 5, "node-b")
+        await store.merge([stale], origin="node-b", base=0, upto=9)
+        assert (store.commits, store.watermarks["node-b"]) == (1, 9)
+        before = await store.max_version()
+
+        # What idle replication asks: a heartbeat that moves no watermark, an
+        # operation held already, watermarks no higher than ours.
+        assert await store.merge([], origin="node-b", base=9, upto=9) == []
+        assert await store.merge([stale]) == []
+        await store.advance({"node-b": 7})
+        assert store.commits == 1
+        assert await store.max_version() == before
+
+        # A tick leaves this node: it is on disk before it is returned.
+        ticked = await store.tick()
+        assert store.commits == 2
+    finally:
+        await store.close()
+
+    again = Storage(path, "node-a", wall_ms=lambda: NOW_MS)
+    await again.open()
+    try:
+        assert (await again.add("songs", ["y"])).version > ticked
+    finally:
+        await again.close()
+
+
 class GatedWall:
     """A wall clock that can hold the writer thread inside one request.
 

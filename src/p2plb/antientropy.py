@@ -12,7 +12,13 @@ Rules (the third of replication's three mechanisms):
 * **Catch up before serving.**  A starting node stays "syncing" until one full
   pull from a serving peer (or a timeout); one that was away longer than the
   tombstone grace starts afresh, since its old entries could bring removed
-  items back.
+  items back.  Whether a peer is serving is its own word, in its summary: the
+  balancer's entry may be older than the peer (a balancer restored from its
+  state file lists the indexers of a whole-cluster restart as serving, while
+  each is still catching up itself).  A syncing peer may miss writes, so it
+  is no source; if no serving peer answers within the sync timeout, the node
+  serves anyway, so that a whole cluster restarted at once does not wait on
+  itself forever.
 * **Tombstones go last.**  A tombstone older than the grace is dropped only
   once every registered peer's watermarks show it holds it.
 
@@ -65,6 +71,7 @@ class AntiEntropy:
     _clock: Callable[[], float]
     _changed: asyncio.Event
     _members_known: asyncio.Event
+    _last_up: int  # the clock on disk at start: when this replica was last up
 
     def _live(self, peer: Peer) -> bool:
         quiet = self._clock() - peer.heard > self.settings.quiet_after
@@ -77,12 +84,29 @@ class AntiEntropy:
         push asking for one, the periodic round) would fetch the same buckets.
         """
         async with peer.pulling:
-            return await self._pull(peer)
+            started = self._clock()
+            summary = await self._get(peer, "/internal/v1/summary", {})
+            return await self._pull(peer, summary, started)
 
-    async def _pull(self, peer: Peer) -> int:
-        assert self._session is not None
-        started = self._clock()
-        summary = await self._get(peer, "/internal/v1/summary", {})
+    async def _catch_up_with(self, peer: Peer, deadline: float) -> int | None:
+        """Pull from ``peer`` if it says it is serving; None if it does not.
+
+        Its summary must come before ``deadline``; the pull that follows may
+        take longer, since a serving peer did answer.
+        """
+        async with peer.pulling:
+            started = self._clock()
+            summary = await asyncio.wait_for(
+                self._get(peer, "/internal/v1/summary", {}),
+                max(deadline - started, 0.0),
+            )
+            if not isinstance(summary, dict) or summary.get("state") != "serving":
+                return None  # catching up itself, or too old to say
+            await self._discard_if_away_too_long()
+            return await self._pull(peer, summary, started)
+
+    async def _pull(self, peer: Peer, summary: Any, started: float) -> int:
+        """Pull what differs from what ``summary`` of ``peer`` describes."""
         theirs: dict[str, list[int]] = summary["indices"]
         _, mine = await self.storage.summary()
 
@@ -143,17 +167,16 @@ class AntiEntropy:
                 self._members_known.wait(), self.settings.sync_timeout
             )
         while self._clock() < deadline:
-            serving = [p for p in self.peers.values() if p.state == "serving"]
             if not self.peers:
                 break  # alone: nothing to catch up with
-            for peer in serving:
+            for peer in list(self.peers.values()):
                 try:
-                    await self._discard_if_away_too_long()
-                    applied = await self.sync_with(peer)
+                    applied = await self._catch_up_with(peer, deadline)
                 except (aiohttp.ClientError, TimeoutError, Refused, KeyError):
                     continue
-                self._serve(f"caught up with {peer.id} ({applied} operations)")
-                return
+                if applied is not None:
+                    self._serve(f"caught up with {peer.id} ({applied} operations)")
+                    return
             await asyncio.sleep(0.2)
         if self.peers:
             logger.warning(
@@ -167,7 +190,9 @@ class AntiEntropy:
         """Away longer than the grace, peers may have dropped tombstones this
         replica never saw; its old entries could bring removed items back, so it
         starts afresh from a serving peer instead."""
-        last_ms = self.storage.committed >> 16
+        # The clock as the store was opened, not as it is now: this process
+        # commits too (merged pushes, ticks) and moves it on.
+        last_ms = self._last_up >> 16
         away = time.time() - last_ms / 1000
         if last_ms == 0 or away <= self.settings.tombstone_grace:
             return
@@ -177,6 +202,7 @@ class AntiEntropy:
             self.settings.tombstone_grace,
         )
         await self.storage.wipe()
+        self._last_up = self.storage.committed  # once is enough
 
     async def _collect_tombstones(self) -> None:
         """Drop tombstones older than the grace that every registered peer holds."""

@@ -19,6 +19,10 @@ Rules of this module:
   indexer as the clients saw it.
 * A request has failed when the client raised after its own retries.  The
   aim is none; the exit status is 1 when any failed, so scripts notice.
+* Two rates, each labelled as what it is: while the workload runs, the live
+  view shows the requests per second of the last ``_RATE_WINDOW`` seconds
+  (``RecentRate``); once it ends, the live view and the report both show the
+  mean of the whole run (``mean_rate``), the same figure.
 * Every way out (the end, an error, Ctrl-C) stops the servers (SIGTERM, a
   grace period, SIGKILL) and removes the directory.  Only a demo that ran to
   its end with ``--keep-running`` leaves the cluster up, and says how to stop it.
@@ -67,6 +71,7 @@ _WRITE_SHARE = 0.05
 _LOAD_CONCURRENCY = 16
 _WORKERS = 8
 _SHOWN_ERRORS = 5
+_RATE_WINDOW = 2.0  # seconds the live rate looks back over
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,7 @@ class _Workload:
         self._modules = corpus.modules
         self._health: dict[str, bool] = {}
         self._events: list[str] = []
-        self._rates: deque[tuple[float, int]] = deque(maxlen=8)
+        self._rate = RecentRate(_RATE_WINDOW)
         self._stop = asyncio.Event()
         self._started = 0.0
 
@@ -282,7 +287,7 @@ class _Workload:
                 while (elapsed := self._elapsed()) < self.duration:
                     if self.tally.victim is None and elapsed >= self.duration / 2:
                         self._kill(victim, elapsed)
-                    self._rates.append((time.monotonic(), self.tally.calls))
+                    self._rate.add(time.monotonic(), self.tally.calls)
                     live.update(self._view())
                     await asyncio.sleep(min(0.25, self.duration - elapsed))
 
@@ -375,11 +380,6 @@ class _Workload:
 
     def _view(self) -> RenderableType:
         tally, elapsed = self.tally, min(self._elapsed(), self.duration)
-        rate = 0.0
-        if len(self._rates) >= 2:
-            (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
-            rate = (n1 - n0) / max(t1 - t0, 1e-6)
-
         clock = Table.grid(padding=(0, 1))
         clock.add_row(
             "Workload",
@@ -387,8 +387,10 @@ class _Workload:
             f"{elapsed:4.1f} / {self.duration:g} s",
         )
         failed = "[green]0[/]" if not tally.failed else f"[red]{tally.failed}[/]"
+        over = tally.seconds > 0  # the workload is over: the report's figure
+        rate = mean_rate(tally.calls, tally.seconds) if over else self._rate.text()
         summary = (
-            f"{rate:,.0f} requests/s   {tally.calls:,} requests "
+            f"{rate}   {tally.calls:,} requests "
             f"({tally.writes:,} writes)   failed: {failed}"
         )
 
@@ -410,6 +412,37 @@ class _Workload:
                 ProgressBar(total=total, completed=served, width=30),
             )
         return Group(clock, summary, table, *self._events)
+
+
+class RecentRate:
+    """Requests per second over the last ``window`` seconds of samples."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, calls: int) -> None:
+        """Note that ``calls`` requests were done in all by ``now``."""
+        self._samples.append((now, calls))
+        while now - self._samples[0][0] > self.window:
+            self._samples.popleft()
+
+    @property
+    def per_second(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (first, before), (last, after) = self._samples[0], self._samples[-1]
+        return (after - before) / max(last - first, 1e-9)
+
+    def text(self) -> str:
+        return f"{self.per_second:,.0f} requests/s (last {self.window:g} s)"
+
+
+def mean_rate(calls: int, seconds: float) -> str:
+    """The whole run's requests per second: the report's figure, and the live
+    view's once the workload is over."""
+    rate = calls / seconds if seconds > 0 else 0.0
+    return f"{rate:,.0f} requests/s (mean of {seconds:.1f} s)"
 
 
 def _answered_by(before: dict[str, Any], after: dict[str, Any]) -> str | None:
@@ -472,10 +505,9 @@ def _report(
         )
     console.print(table)
 
-    rate = tally.calls / tally.seconds if tally.seconds else 0.0
     writes = sorted(tally.write_ms)
     console.print(
-        f"{rate:,.0f} requests/s from {_WORKERS} clients: "
+        f"{mean_rate(tally.calls, tally.seconds)} from {_WORKERS} clients: "
         f"{tally.calls - tally.writes:,} reads, and {tally.writes:,} writes "
         f"(p50 {_percentile(writes, 0.5)} ms, p99 {_percentile(writes, 0.99)} ms: "
         "each waits for a second durable copy)."

@@ -427,7 +427,11 @@ def _indexer_paths() -> dict[str, Any]:
         },
         "/v1/load": {
             "get": _op(
-                "getLoad", "What the indexer reports.", "health", {200: None}, _NO_QUERY
+                "getLoad",
+                "What the indexer reports.",
+                "health",
+                {200: "IndexerLoad"},
+                _NO_QUERY,
             )
         },
         **_index_api(proxied=False),

@@ -8,8 +8,10 @@ Rules of the stream (the first of replication's three mechanisms):
   all my operations in ``(base, upto]``", where ``base`` is what the peer
   acknowledged before; a peer that held everything up to ``base`` may then
   raise its *watermark* of this origin to ``upto``.
-* **Heartbeats.**  When a node is idle, a clock tick is pushed instead, so
-  watermarks keep moving.
+* **Heartbeats.**  When a node has nothing to push, it sends an empty push
+  every heartbeat interval, so that peers know it is alive.  It carries the
+  version of the node's last commit, which moves no watermark in an idle
+  cluster, so it costs the peer no disk write.
 * **Unordered until told.**  After a restart or an outbox overflow, what the
   peer holds is unknown (``acked`` is None): the push asks the peer to pull
   what came before the outbox (``need``), and ordered pushes resume from the
@@ -54,7 +56,6 @@ class Peer:
     id: str
     address: str
     healthy: bool = True
-    state: str = "serving"
     # Every local operation up to ``acked`` is durable at the peer; None when
     # unknown (after a restart or an overflow) until the peer says so.
     acked: int | None = None
@@ -87,6 +88,7 @@ class PeerStreams:
     _committed: int
     _changed: asyncio.Event
     _last_local: float
+    _last_commit: float
 
     def _overflow(self, peer: Peer) -> None:
         logger.warning(
@@ -161,18 +163,27 @@ class PeerStreams:
         self._changed.set()
 
     async def _heartbeats(self) -> None:
-        """Tick the clock when idle, so peers' watermarks of this node move on."""
+        """Tell peers this node is alive when it has nothing to push.
+
+        No clock tick goes with it.  Peers' watermarks of this node move with
+        each of its commits anyway (a merge moves the clock past what it
+        merged), and a reader that needs more asks for a tick (``beat``).  A
+        tick must be on disk before it leaves (``Storage.tick``), and ticking
+        every heartbeat cost each node an fsync five times a second while
+        nothing changed.  Only after ``alive_every`` without a commit is a tick
+        committed, so that the clock on disk tells a restarted node how long
+        it was away (``AntiEntropy._discard_if_away_too_long``).
+        """
         while True:
             await asyncio.sleep(self.settings.heartbeat)
-            if not self.peers:
-                continue  # nobody to tell
-            # A local write in the interval carried a fresh clock already.
-            if self._clock() - self._last_local < self.settings.heartbeat:
-                continue
-            try:
-                await self.storage.tick()
-            except Exception:
-                logger.exception("replication.tick_failed")
+            now = self._clock()
+            if now - self._last_commit >= self.settings.alive_every:
+                try:
+                    await self.storage.tick()
+                except Exception:
+                    logger.exception("replication.tick_failed")
+            # A local write in the interval was pushed: peers heard of it.
+            if not self.peers or now - self._last_local < self.settings.heartbeat:
                 continue
             for peer in self.peers.values():
                 peer.beat = True

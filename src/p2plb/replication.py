@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplicationSettings:
-    heartbeat: float = 0.2  # idle push interval: bounds how long a read waits
+    heartbeat: float = 0.2  # idle push interval: peers hear this node is alive
     anti_entropy: float = 3.0  # background digest comparison interval
     write_timeout: float = 2.0  # wait for copies before 503 insufficient_replicas
     read_wait: float = 1.0  # wait for watermarks before 503 replica_behind
@@ -67,6 +67,13 @@ class ReplicationSettings:
     quiet_after: float = 1.0  # a peer silent this long is left out of reads
     outbox_limit: int = 200_000  # past this a peer must catch up by anti-entropy
     tombstone_grace: float = 86400.0  # keep tombstones at least this long
+    alive_tick: float = 60.0  # idle: commit a clock tick this often at most
+
+    @property
+    def alive_every(self) -> float:
+        """How long an idle node goes without a commit: well within the grace,
+        against which a restarted node measures how long it was away."""
+        return min(self.alive_tick, self.tombstone_grace / 4)
 
 
 class Replicator(PeerStreams, AntiEntropy):
@@ -104,6 +111,8 @@ class Replicator(PeerStreams, AntiEntropy):
         self._session: aiohttp.ClientSession | None = None
         self._members_known = asyncio.Event()
         self._last_local = 0.0
+        self._last_commit = 0.0
+        self._last_up = 0
         self._quiet_syncs: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------
@@ -111,6 +120,8 @@ class Replicator(PeerStreams, AntiEntropy):
     async def start(self, *, expect_members: bool) -> None:
         """Start pushing and syncing; ``expect_members`` if a balancer will tell."""
         self._committed = self.storage.watermarks.get(self.node_id, 0)
+        self._last_up = self.storage.committed
+        self._last_commit = self._clock()
         headers = {"Content-Type": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -156,8 +167,9 @@ class Replicator(PeerStreams, AntiEntropy):
                 continue
             seen.add(member_id)
             peer = self._peer(member_id, address)
+            # Its "state" is not taken: the balancer's word on it may be older
+            # than the peer (see ``AntiEntropy._catch_up``).
             peer.healthy = bool(member.get("healthy", True))
-            peer.state = str(member.get("state", "serving"))
         for gone in set(self.peers) - seen - self._static_ids():
             self._drop(gone)
         self.registered = 1 + len(self.peers)
@@ -212,6 +224,7 @@ class Replicator(PeerStreams, AntiEntropy):
         every peer (measured: 6 pushes per write with 3 indexers instead of 2).
         """
         self._committed = committed.version
+        self._last_commit = self._clock()
         self._changed.set()
         if not committed.local:
             return
@@ -274,8 +287,8 @@ class Replicator(PeerStreams, AntiEntropy):
                 continue
             quiet = now - peer.heard > self.settings.quiet_after or not peer.healthy
             if not quiet:
-                # An idle peer's watermark moves with its heartbeats; ask it for
-                # one now rather than wait up to a heartbeat interval.
+                # A live peer's watermark moves only with its commits; ask it
+                # to commit a tick past the version (it may have nothing new).
                 self._ask_beat(peer, version)
                 return False
             # A quiet peer's acknowledged writes are also on a live peer: they
@@ -388,9 +401,12 @@ class Replicator(PeerStreams, AntiEntropy):
         self._spawn(run())
 
     async def summary(self) -> dict[str, Any]:
+        """What this replica holds; ``state`` says whether a node catching up
+        may take it as its source (only a serving one)."""
         marks, digests = await self.storage.summary()
         return {
             "protocol": PROTOCOL,
+            "state": self.state,
             "marks": marks,
             "indices": {k: list(v) for k, v in digests.items()},
         }

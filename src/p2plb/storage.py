@@ -21,7 +21,8 @@ Rules of this module:
   only itself), commits once for the whole group (one fsync) and only then
   answers. A write whose coroutine returned is durable (WAL,
   ``synchronous=FULL``) and survives ``kill -9``; a cancelled write may still
-  be applied.
+  be applied.  A group that changed nothing is not committed, so an idle
+  node does not touch the disk (``commits`` counts those that were).
 * Reads run on two threads with read-only connections of their own, in
   parallel with the writer thanks to WAL. The event loop never touches disk.
 * Items sort by code point: SQLite's BINARY collation compares UTF-8 bytes,
@@ -336,7 +337,9 @@ class Storage:
         """Discard every entry and watermark (not the clock), to resync anew."""
 
         def apply(conn: sqlite3.Connection, group: Group) -> None:
-            self._clock.now()  # the wipe itself is news: "last committed" moves
+            # The wipe itself is news: "last committed" moves, even when
+            # there was nothing to delete.
+            entries.save_clock(conn, self._clock.now())
             group.indices.update(entries.clear(conn))
             group.marks = {}
 
@@ -346,15 +349,19 @@ class Storage:
     async def tick(self, at_least: int = 0) -> int:
         """Commit a fresh clock value; every local write up to it is committed.
 
-        Replication sends it to peers as a heartbeat, so their watermark of
-        this node moves on even when it takes no writes.  ``at_least`` makes
-        the value pass a version a reader is waiting for.
+        Replication sends it to peers, so that their watermark of this node
+        passes a version a reader waits for (``at_least``).  The value leaves
+        this node, so it is saved (one fsync) before it does: after a crash
+        the clock must resume above it, or a new write could take a version
+        that peers already count as held.
         """
 
         def apply(conn: sqlite3.Connection, group: Group) -> int:
             if at_least:
                 self._clock.observe(min(at_least, MAX_STORED_VERSION))  # bounded
-            return self._clock.now()
+            version = self._clock.now()
+            entries.save_clock(conn, version)
+            return version
 
         return await self._write("tick", apply)
 
@@ -450,6 +457,11 @@ class Storage:
     def too_far_ahead(self, version: int) -> bool:
         """Whether ``version`` is beyond this node's clock plus the allowed drift."""
         return self._clock.too_far_ahead(version)
+
+    @property
+    def commits(self) -> int:
+        """Groups committed to disk since ``open``: one fsync each."""
+        return 0 if self._writer is None else self._writer.commits
 
     @property
     def committed(self) -> int:

@@ -12,6 +12,14 @@ Rules of this module:
 * Then one COMMIT for the whole group (one fsync), with the clock's last value
   saved in the same transaction.  If the COMMIT fails, every request of the
   group fails and ``on_commit`` hears nothing of it.
+* A group that changed no row is not committed at all: it is rolled back, which
+  touches no disk, and ``on_commit`` hears nothing of it either.  Idle
+  replication (a heartbeat merged that moves no watermark, an anti-entropy
+  round that finds nothing new) is such a group, and used to cost an fsync
+  each, several times a second.  The clock may have observed a version in it;
+  that needs no saving, since nothing holds that version here.  A request
+  whose version leaves this node without a row (a clock tick) saves the clock
+  itself, which is a changed row.
 * Only after a successful COMMIT, ``on_commit`` gets the group on the event
   loop, and then the requests are answered.  Both go through
   ``call_soon_threadsafe``, in that order, and the loop runs callbacks in
@@ -116,6 +124,7 @@ class Writer:
     ) -> None:
         self.conn = conn
         self.committed = clock.last
+        self.commits = 0  # groups committed to disk, one fsync each
         # Set while the last group commit failed: /healthz reports it, so a node
         # that cannot write leaves rotation instead of failing every request.
         self.last_failure: str | None = None
@@ -172,11 +181,16 @@ class Writer:
         group = Group()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             for request in requests:
                 outcomes.append((request, *self._apply_one(conn, group, request)))
 
-            save_clock(conn, self._clock.last)
-            conn.execute("COMMIT")
+            durable = conn.total_changes != changes
+            if durable:
+                save_clock(conn, self._clock.last)
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")  # nothing to keep: no write, no fsync
         except Exception as exc:
             logger.error(
                 "storage.commit_failed path=%s requests=%d error=%s",
@@ -194,18 +208,19 @@ class Writer:
             return
 
         self.last_failure = None
-        self.committed = self._clock.last
-        logger.debug(
-            "storage.committed path=%s requests=%d version=%s",
-            self._path,
-            len(requests),
-            format_version(self.committed),
-        )
-
-        # The hook first, then the answers (see the rules above).
-        committed = Committed(group.local, self.committed, group.indices)
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            self._loop.call_soon_threadsafe(self._on_commit, committed, group.marks)
+        if durable:
+            self.commits += 1
+            self.committed = self._clock.last
+            logger.debug(
+                "storage.committed path=%s requests=%d version=%s",
+                self._path,
+                len(requests),
+                format_version(self.committed),
+            )
+            # The hook first, then the answers (see the rules above).
+            committed = Committed(group.local, self.committed, group.indices)
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._on_commit, committed, group.marks)
         for request, result, error in outcomes:
             request.settle(result, error)
 
