@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from loopback import serve
+from p2plb.peers import Peer, Refused
 from p2plb.replication import ReplicationSettings, Replicator
 from p2plb.storage import Storage
 from procs import eventually
@@ -106,3 +107,29 @@ async def test_only_a_peer_serving_by_its_own_word_is_a_source(
         assert set(peer.asked_while) == {"syncing"}
         assert took >= SYNC_TIMEOUT
         assert any("replication.sync_timeout" in r.msg for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("[1, 2]", "answered list, not an object"),
+        ("<html>", "answered what is not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "answered what is not JSON"),
+    ],
+)
+async def test_a_summary_that_is_no_object_is_a_refusal(
+    replicator: Replicator, body: str, why: str
+) -> None:
+    async def summary(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/internal/v1/summary", summary)
+    runner, url = await serve(app)
+    await replicator.start(expect_members=False)
+    try:
+        with pytest.raises(Refused) as caught:
+            await replicator.sync_with(Peer("p1", url))
+    finally:
+        await runner.cleanup()
+    assert str(caught.value) == f"/internal/v1/summary {why}"

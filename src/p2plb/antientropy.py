@@ -143,7 +143,13 @@ class AntiEntropy:
         async with self._session.get(peer.address + path, params=params) as response:
             if response.status != 200:
                 raise Refused(f"{path} answered HTTP {response.status}")
-            return await response.json(content_type=None)
+            try:
+                answer = await response.json(content_type=None)
+            except (ValueError, RecursionError):
+                raise Refused(f"{path} answered what is not JSON") from None
+        if not isinstance(answer, dict):
+            raise Refused(f"{path} answered {type(answer).__name__}, not an object")
+        return answer
 
     async def _anti_entropy(self) -> None:
         while True:
@@ -158,6 +164,8 @@ class AntiEntropy:
                 await self.sync_with(peer)
             except (aiohttp.ClientError, TimeoutError, Refused, KeyError) as exc:
                 logger.info("replication.sync_failed peer=%s error=%s", peer.id, exc)
+            except Exception:  # the loop must outlive any peer's answer
+                logger.exception("replication.sync_crashed peer=%s", peer.id)
 
     async def _catch_up(self) -> None:
         """Stay "syncing" until a full pull from a serving peer, or the timeout."""

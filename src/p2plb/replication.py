@@ -395,6 +395,8 @@ class Replicator(PeerStreams, AntiEntropy):
                 await self.sync_with(peer)
             except (aiohttp.ClientError, TimeoutError, Refused, KeyError) as exc:
                 logger.info("replication.sync_failed peer=%s error=%s", peer.id, exc)
+            except Exception:  # a peer's odd answer must not go unseen
+                logger.exception("replication.sync_crashed peer=%s", peer.id)
             finally:
                 self._quiet_syncs.discard(key)
 
