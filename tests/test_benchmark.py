@@ -6,17 +6,24 @@ import asyncio
 import io
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
 from p2plb import benchmark
 from p2plb.benchmark import BenchOptions, Scenario, contender_names, run_bench
 from p2plb.benchreport import render
+from p2plb.cli import cli
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import UsageError
 from p2plb.loadgen import Bursts, OpenLoop, arrivals, percentile
@@ -230,3 +237,72 @@ async def test_a_tiny_bench_runs_every_contender(
     if haproxy:
         assert report.scenarios[0].ratio("haproxy/leastconn") == 1.0
     Console(file=io.StringIO(), width=150).print(render(report))
+
+
+def _started_in(workdir: Path, bench: int) -> list[int]:
+    """Processes other than ``bench`` whose command line names ``workdir``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != bench:
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(workdir) in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_bench_and_every_process_it_started(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PLB_")}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "p2plb", "bench", "steady", "--no-haproxy"]
+        + ["--contender", "proxy/least_load", "--duration", "60"]
+        + ["--quiet-timeout", "0", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_started_in(workdir, bench.pid)) < 7:  # balancer, 6 indexers
+            assert bench.poll() is None, bench.communicate()
+            assert time.monotonic() < deadline, "the cluster did not start"
+            time.sleep(0.2)
+        servers = _started_in(workdir, bench.pid)
+
+        bench.send_signal(signal.SIGTERM)
+        out, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            for pid in _started_in(workdir, bench.pid):
+                os.kill(pid, signal.SIGKILL)
+
+    assert bench.returncode == 130, out + err
+    assert err.endswith(
+        "p2plb: error: interrupted; every process it started was stopped\n"
+    ), err
+    assert _started_in(workdir, bench.pid) == []
+    assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()]
+
+
+def test_bench_flags_out_of_range_are_refused() -> None:
+    for flags, message in (
+        (
+            ["--connections", "0"],
+            "Invalid value for '--connections': 0 is not in the range x>=1.",
+        ),
+        (
+            ["--duration", "-1"],
+            "Invalid value for '--duration': -1.0 is not in the range x>0.",
+        ),
+    ):
+        result = CliRunner().invoke(cli, ["bench", *flags])
+        assert result.exit_code == 2
+        assert message in result.output, result.output

@@ -191,9 +191,21 @@ def simulate(
     help="proxy/least_load, routed/p2c, haproxy/leastconn, or a family "
     "(proxy, routed, haproxy); repeat. Default: all.",
 )
-@click.option("--duration", type=float, default=None, help="Seconds per contender.")
-@click.option("--warmup", type=float, default=None, help="Seconds not measured.")
-@click.option("--load", type=float, default=None, help="Offered load, 0-1.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds per contender.",
+)
+@click.option(
+    "--warmup", type=click.FloatRange(min=0), default=None, help="Seconds not measured."
+)
+@click.option(
+    "--load",
+    type=click.FloatRange(min=0, max=2, min_open=True),
+    default=None,
+    help="Offered load as a fraction of the indexers' capacity (0.8: 80%).",
+)
 @click.option(
     "--capacities",
     default=None,
@@ -208,14 +220,14 @@ def simulate(
 )
 @click.option(
     "--queue-limit",
-    type=int,
+    type=click.IntRange(min=0),
     default=64,
     show_default=True,
     help="Requests each indexer queues beyond its capacity before 503.",
 )
 @click.option(
     "--connections",
-    type=int,
+    type=click.IntRange(min=1),
     default=256,
     show_default=True,
     help="Connections the load generator keeps open to its target.",
@@ -230,7 +242,7 @@ def simulate(
 @click.option("--no-haproxy", is_flag=True, help="Leave HAProxy out.")
 @click.option(
     "--quiet-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
     help="Wait up to this long before each contender for other processes to "
@@ -316,6 +328,10 @@ def bench(
             require_matplotlib()
     except UsageError as exc:
         _fail(str(exc))
+    # As in the demo: SIGTERM and SIGHUP stop the processes the bench
+    # started (balancer, indexers, HAProxy) rather than leave them running.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     console = Console(width=None if sys.stdout.isatty() else 140)
     try:
         report = _run(run_benchmark(options, console))
@@ -323,6 +339,8 @@ def bench(
         _fail(str(exc))
     except P2PLBError as exc:
         _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        _fail("interrupted; every process it started was stopped", code=130)
     console.print(render(report))
     if json_path:
         Path(json_path).write_text(report.to_json())
