@@ -6,6 +6,14 @@ every failure the same way, including the ones aiohttp raises itself (unknown
 path, wrong method, body too large).  An unexpected exception is logged with its
 traceback and answered ``500 internal_error`` without details, so a bug never
 leaks internals to a caller.
+
+Known shortcoming: what aiohttp's HTTP parser refuses before any handler runs
+(a header line over ``MAX_HEADER_LINE``, an unknown method, broken chunking, a
+``Content-Encoding`` it cannot decode such as ``br``) is answered by aiohttp
+itself, a plain-text ``400`` without the JSON error body or ``P2PLB-Load``.
+Its ``RequestHandler.handle_error`` is where that text is made; overriding it
+means subclassing aiohttp internals, which this project's version range
+(aiohttp 3.9 to 3.x) does not keep stable.
 """
 
 from __future__ import annotations
