@@ -273,6 +273,23 @@ async def test_register_unregister_report_and_superseded(
 
     status, body, _ = await request(http, "PUT", f"{url}/v1/indexers/zz/load", json=new)
     assert (status, body["error"]["code"]) == (404, "indexer_not_found")
+    bad = {"P2PLB-Instance": "b", "P2PLB-Address": "127.0.0.1:9002"}
+    status, body, _ = await request(
+        http, "DELETE", f"{url}/v1/indexers/i1", headers=bad
+    )
+    assert (status, body["error"]["message"]) == (
+        400,
+        "P2PLB-Address: must be http://host:port or https://host:port, got "
+        "'127.0.0.1:9002'",
+    )
+    # The process replaced at 9001 removes nothing; the one at 9002 itself.
+    for address, expected in (("http://127.0.0.1:9001", 409), (moved["address"], 204)):
+        sender = {"P2PLB-Instance": "c", "P2PLB-Address": address}
+        status, _, _ = await request(
+            http, "DELETE", f"{url}/v1/indexers/i1", headers=sender
+        )
+        assert status == expected
+    await request(http, "POST", f"{url}/v1/indexers", json=moved)
     assert (await request(http, "DELETE", f"{url}/v1/indexers/i1"))[0] == 204
     status, body, _ = await request(http, "DELETE", f"{url}/v1/indexers/i1")
     assert (status, body["error"]["code"]) == (404, "indexer_not_found")

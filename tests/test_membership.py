@@ -8,10 +8,12 @@ again at the address the indexers were given.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 
@@ -102,6 +104,66 @@ async def test_a_replaced_indexer_is_told_and_stops_reporting(
     await asyncio.sleep(1.0)
     assert await listed(http, balancer) == {"i1": "http://127.0.0.1:9"}
     assert old.log().count("reporter.superseded") == 1
+
+
+async def test_a_balancer_restored_from_before_a_restart_in_place_keeps_it(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # The state file holds x1's first process; x1 is killed and restarted at
+    # the same address, registers again, and the balancer is killed before it
+    # saves that.  Restored, it must not tell the live process it was replaced.
+    port, indexer_port = free_port(), free_port()
+    balancer = procs.balancer(
+        "balancer", "--port", str(port), "--persist-interval", "0.1s"
+    )
+    state = procs.workdir / "balancer-state.json"
+    at = ("--port", str(indexer_port), "--balancer", balancer.url, *FAST)
+    indexer = procs.indexer("x1", *at)
+
+    def saved_instance() -> str | None:
+        rows = json.loads(state.read_bytes())["registry"]["indexers"]
+        return rows[0]["instance"] if rows else None
+
+    async def saved() -> bool:
+        return saved_instance() is not None
+
+    await eventually(saved, within=10)
+    first_state = state.read_bytes()
+
+    indexer.kill()
+    indexer = procs.indexer("x1", *at)
+    indexer.wait_for(r"reporter\.registered balancer=\S+ id=x1 .* new=False")
+    balancer.kill()
+    # The saves since (the restart in place among them) never happened.
+    state.write_bytes(first_state)
+    balancer = procs.balancer(
+        "balancer", "--port", str(port), "--persist-interval", "1h"
+    )
+    balancer.wait_for(r"state\.restored path=\S+ indexers=1 ")
+
+    async def row() -> dict[str, Any]:
+        status = (await request(http, "GET", f"{balancer.url}/v1/status"))[1]
+        found: dict[str, Any] = status["indexers"][0]
+        return found
+
+    async def reported() -> bool:
+        assert "reporter.superseded" not in indexer.log(), indexer.log()
+        return (await row())["last_report_age_s"] is not None
+
+    await eventually(reported, within=10)
+    balancer.wait_for(
+        rf"indexer\.instance_changed id=x1 address={indexer.url}; restarted in place"
+    )
+    await asyncio.sleep(1.0)  # absence takes waiting: about three reports
+    assert "reporter.superseded" not in indexer.log()
+    now = await row()
+    assert (now["id"], now["healthy"], now["state"]) == ("x1", True, "serving")
+    assert now["last_report_age_s"] < 1.0
+
+    # And it can still leave: its DELETE names its address.
+    assert indexer.stop() == 0
+    indexer.wait_for(r"reporter\.unregistered balancer=\S+ status=204")
+    assert await listed(http, balancer) == {}
 
 
 def p2plb(*args: str) -> subprocess.CompletedProcess[str]:

@@ -160,6 +160,99 @@ def test_a_replaced_process_cannot_unregister_its_replacement(
     assert len(registry) == 0
 
 
+def restored_from(clock: FakeClock, before: Registry) -> Registry:
+    """A balancer restarted from ``before``'s state file."""
+    after = make(clock)
+    after.restore(json.loads(json.dumps(before.snapshot())))
+    return after
+
+
+def test_a_restored_instance_gives_way_to_the_indexer_restarted_in_place(
+    clock: FakeClock,
+) -> None:
+    # The state file holds instance a; the indexer was restarted at the same
+    # address as b since, and the balancer was killed before saving that.
+    before = make(clock)
+    before.register("x1", addr(7401), 10, instance="a")
+    before.report("x1", 0, "serving", served=40, address=addr(7401), instance="a")
+    registry = restored_from(clock, before)
+
+    entry = registry.report(
+        "x1", 2, "serving", served=3, address=addr(7401), instance="b"
+    )
+    assert registry.get("x1") is entry
+    assert (entry.instance, entry.requests, entry.reported_load) == ("b", 43, 2)
+    registry.report("x1", 0, "serving", served=5, address=addr(7401), instance="b")
+    assert entry.requests == 45  # counted from the new process's zero
+
+    # Seen replaced now, the old instance is refused, at any address.
+    for address in (addr(7401), None):
+        assert error_of(
+            registry.report, "x1", 0, "serving", address=address, instance="a"
+        )[:2] == (409, "superseded")
+    assert registry.unregister("x1", "b", address=addr(7401), prove=True) is entry
+
+
+def test_a_restored_entry_refuses_no_one_until_its_indexer_speaks(
+    clock: FakeClock,
+) -> None:
+    before = make(clock)
+    before.register("x1", addr(7401), 10, instance="a")
+    registry = restored_from(clock, before)
+
+    # The indexer moved since the state file was saved: it is told to
+    # register again (404, not 409), and its registration replaces the entry.
+    assert error_of(
+        registry.report, "x1", 0, "serving", address=addr(7402), instance="c"
+    ) == (
+        404,
+        "indexer_not_found",
+        f"id: indexer 'x1' is known here at {addr(7401)} only from the state "
+        "file; register again",
+    )
+    assert error_of(registry.unregister, "x1", "c", address=addr(7402))[0] == 404
+    moved, created = registry.register("x1", addr(7402), 10, instance="c")
+    assert (created, registry.get("x1")) == (False, moved)
+    assert error_of(
+        registry.report, "x1", 0, "serving", address=addr(7401), instance="a"
+    )[:2] == (409, "superseded")
+
+    # An entry heard from since is no longer taken for stale: another address
+    # is a replaced process.
+    again = restored_from(clock, before)
+    again.report("x1", 0, "serving", address=addr(7401), instance="a")
+    for call in (again.report, again.unregister):
+        kwargs: dict[str, Any] = {"address": addr(7402), "instance": "c"}
+        args = ("x1", 0, "serving") if call == again.report else ("x1",)
+        assert error_of(call, *args, **kwargs)[:2] == (409, "superseded")
+    assert len(again) == 1
+
+
+def test_an_indexer_restarted_in_place_may_remove_itself(clock: FakeClock) -> None:
+    before = make(clock)
+    before.register("x1", addr(7401), 10, instance="a")
+    registry = restored_from(clock, before)
+
+    # Nothing but the very instance held proves who sends with a cluster token:
+    # the address alone is public.
+    assert error_of(registry.unregister, "x1", "b", address=addr(7401), prove=True) == (
+        403,
+        "wrong_token",
+        "Authorization: removing another indexer needs the admin token; the "
+        "cluster token removes only the instance registered as 'x1'",
+    )
+    for sender in ({}, {"address": addr(7401)}):
+        assert error_of(registry.unregister, "x1", prove=True, **sender)[0] == 403
+    assert len(registry) == 1
+    assert registry.unregister("x1", "b", address=addr(7401)).instance == "a"
+
+    # Without a restore: the replaced instance stays refused at its address.
+    registry.register("x1", addr(7401), 10, instance="a")
+    current, _ = registry.register("x1", addr(7401), 10, instance="b")
+    assert error_of(registry.unregister, "x1", "a", address=addr(7401))[0] == 409
+    assert registry.get("x1") is current
+
+
 def test_unknown_ids_are_404(clock: FakeClock) -> None:
     registry = make(clock)
     expected = (404, "indexer_not_found", "id: no indexer 'x' is registered")

@@ -176,7 +176,8 @@ async def test_balancer_and_indexers_with_tokens(
     )
     assert (status, body["error"]["message"]) == (
         403,
-        "Authorization: removing another indexer needs the admin token",
+        "Authorization: removing another indexer needs the admin token; the "
+        "cluster token removes only the instance registered as 'i2'",
     )
     status, body, _ = await request(
         http, "POST", f"{one.url}/internal/v1/push", json={"origin": "z", "upto": 1}

@@ -88,6 +88,9 @@ class Entry:
     inflight_at_report: int = 0  # of those, the ones the last load figure included
     recent: int = 0  # /v1/route answers still counted as load
     served_seen: int | None = None  # last cumulative "served" counter
+    # From the state file and not heard from since: address and instance are
+    # what the file says, not what the indexer told this balancer process.
+    restored: bool = False
     service: float | None = None  # recent service time in seconds, as reported
     latency: LatencyWindow = field(default_factory=LatencyWindow)
 

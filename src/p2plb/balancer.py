@@ -50,6 +50,7 @@ from p2plb.wire import (
     LoadBody,
     RegisterBody,
     StrategyBody,
+    check_address,
     check_indexer_id,
     check_name,
     check_whole_number,
@@ -63,8 +64,10 @@ logger = logging.getLogger(__name__)
 _ROUTE_QUERY = frozenset({"index", "op"})
 _LIST_QUERY = frozenset({"members_since"})
 _OPS = ("read", "write")
-#: Sent by an indexer that removes itself: which process of its id it is.
+#: Sent by an indexer that removes itself: which process of its id it is,
+#: and where it listens (a restart in place keeps the address).
 INSTANCE_HEADER = "P2PLB-Instance"
+ADDRESS_HEADER = "P2PLB-Address"
 
 
 class Balancer:
@@ -349,19 +352,19 @@ class Balancer:
         )
         indexer_id = check_indexer_id(request.match_info["id"])
         instance = request.headers.get(INSTANCE_HEADER) or None
-        if role == "cluster" and self.config.cluster_token:
-            # With the cluster token an indexer may remove itself only: it
-            # proves which one it is by the instance it registered with.
-            entry = self.registry.get(indexer_id)
-            if entry is not None and (instance is None or entry.instance is None):
-                raise RequestError(
-                    403,
-                    "wrong_token",
-                    "Authorization: removing another indexer needs the admin token",
-                )
+        address = request.headers.get(ADDRESS_HEADER) or None
+        if address is not None:
+            address = check_address(address, field=ADDRESS_HEADER)
 
         try:
-            entry = self.registry.unregister(indexer_id, instance)
+            # With the cluster token an indexer may remove itself only: it
+            # proves which one it is by the instance it registered with.
+            entry = self.registry.unregister(
+                indexer_id,
+                instance,
+                address=address,
+                prove=role == "cluster" and bool(self.config.cluster_token),
+            )
         except RequestError as exc:
             if exc.code == "superseded":
                 logger.info(
@@ -382,7 +385,9 @@ class Balancer:
         )
         body = decode_body(raw, LoadBody).check()
 
-        self.registry.report(
+        known = self.registry.get(indexer_id)
+        before = None if known is None else known.instance
+        entry = self.registry.report(
             indexer_id,
             body.load,
             body.state,
@@ -391,6 +396,12 @@ class Balancer:
             instance=body.instance,
             service=None if body.service_ms is None else body.service_ms / 1000.0,
         )
+        if before is not None and entry.instance != before:
+            logger.info(
+                "indexer.instance_changed id=%s address=%s; restarted in place",
+                entry.id,
+                entry.address,
+            )
 
         # The member list costs O(indexers) to build and send: only when it
         # changed since the version the indexer says it holds.

@@ -305,6 +305,14 @@ _INSTANCE = _param(
     "The instance an indexer removing itself registered with; a replaced one "
     "gets 409 superseded and removes nothing.",
 )
+_ADDRESS_HEADER = _param(
+    "P2PLB-Address",
+    "header",
+    _ADDRESS,
+    "Where an indexer removing itself listens: one restarted at its entry's "
+    "address may remove it (but for a cluster token, which needs the very "
+    "instance registered).",
+)
 _LIMIT = _param(
     "limit",
     "query",
@@ -511,7 +519,7 @@ def _balancer_paths() -> dict[str, Any]:
                     _TOKEN_ERRORS,
                     {404: ("indexer_not_found",), 409: ("superseded",)},
                 ),
-                params=(_ID_PARAM, _INSTANCE),
+                params=(_ID_PARAM, _INSTANCE, _ADDRESS_HEADER),
                 security=_CLUSTER,
             )
         },

@@ -6,8 +6,25 @@ Rules of this module:
   randomness from the ``random.Random`` passed in; the server calls in when
   something happens and logs the ``HealthChange`` events it drains.
 * One entry per indexer id.  A registration from a different process (a new
-  address, or a new ``instance``) replaces the entry at once; reports from the
-  replaced process then get ``409 superseded`` so that it stops.
+  address, or a new ``instance``) replaces the entry at once; the replaced
+  (address, instance) is remembered for ``forget_after``, and its reports get
+  ``409 superseded`` so that it stops.
+* A 409 stops a live indexer for good, so only what shows a replacement gives
+  one: a replacement this balancer process saw, or a message from another
+  address than the entry's.  A different instance at the entry's address is
+  the same indexer restarted in place (two processes cannot listen at one
+  address): a report from it adopts its instance, and its own DELETE removes
+  the entry.  A message that leaves out its address is taken to come from the
+  entry's.
+* A restored entry is trusted to route (once probed) and to prove a DELETE by
+  its instance, and for nothing else: the state file may be older than what
+  the indexer did since (a balancer killed before its next save misses a
+  restart in place, or a move).  Until its indexer speaks to this process it
+  refuses no one: a message from its address adopts the instance it carries,
+  and one from elsewhere gets ``404`` so that the indexer registers again,
+  which replaces the entry.  Replacements are remembered in memory only, so a
+  restart also forgets who was replaced; the registration rule (the newest
+  registration wins) then decides.
 * A new registration is healthy at once and takes writes; it takes reads once
   a report says ``serving`` (it may still have to catch up before that).
   Entries restored from a snapshot wait for a successful probe instead.
@@ -198,6 +215,7 @@ class Registry:
 
         old = self._entries.get(id)
         if old is not None and _same_process(old, address, instance):
+            old.restored = False
             old.capacity = capacity
             old.zone = zone
             old.instance = old.instance if instance is None else instance
@@ -230,18 +248,38 @@ class Registry:
         self._sync(entry)
         return entry, old is None
 
-    def unregister(self, id: str, instance: str | None = None) -> Entry:
+    def unregister(
+        self,
+        id: str,
+        instance: str | None = None,
+        *,
+        address: str | None = None,
+        prove: bool = False,
+    ) -> Entry:
         """Remove an indexer; ``404 indexer_not_found`` if it is not registered.
 
-        ``instance`` is the sender's, when an indexer removes itself: a process
-        that was replaced (another instance) gets ``409 superseded`` and
-        removes nothing, for the entry it would remove is its replacement's.
+        ``instance`` and ``address`` are the sender's, when an indexer removes
+        itself: a process that was replaced gets ``409 superseded`` and removes
+        nothing, for the entry it would remove is its replacement's; the
+        indexer restarted in place removes its entry.  ``prove`` is for a
+        sender whose token lets it remove itself only: then nothing but the
+        very instance held here will do (``403 wrong_token``), since a restart
+        in place is told apart by the address alone, which anyone can read.
         """
-        entry = self._entries.get(id)
-        if entry is None:
-            raise _not_found(id)
-        if not _same_process(entry, None, instance):
-            raise _superseded(id, entry, None, instance)
+        if instance is None and address is None:
+            entry = self._entries.get(id)  # an admin, naming no process
+            if entry is None:
+                raise _not_found(id)
+        else:
+            entry = self._sender(id, address, instance)
+        if prove and (instance is None or instance != entry.instance):
+            raise RequestError(
+                403,
+                "wrong_token",
+                "Authorization: removing another indexer needs the admin token; "
+                f"the cluster token removes only the instance registered as {id!r}",
+            )
+
         self._leave(entry)
         del self._entries[id]
         return entry
@@ -259,6 +297,8 @@ class Registry:
     ) -> Entry:
         """A load report: 404 if ``id`` is unknown, 409 if the sender was replaced.
 
+        A sender at the entry's address with another instance is the indexer
+        restarted in place: its instance is adopted (the caller logs it).
         ``served`` is the indexer's cumulative count of requests served; the
         positive difference from the last one is added to ``requests``, and a
         smaller value means the indexer restarted and counts from zero again.
@@ -273,11 +313,10 @@ class Registry:
             address = check_address(address)
         now = self._clock()
 
-        entry = self._entries.get(id)
-        if entry is None or not _same_process(entry, address, instance):
-            if self._superseded.matches(id, address, instance) or entry is not None:
-                raise _superseded(id, entry, address, instance)
-            raise _not_found(id)
+        entry = self._sender(id, address, instance)
+        if instance is not None and instance != entry.instance:
+            self._adopt(entry, instance, now)
+        entry.restored = False
 
         entry.reported_load = load
         entry.inflight_at_report = entry.inflight
@@ -285,8 +324,6 @@ class Registry:
         entry.last_report = now
         if service is not None:
             entry.service = service
-        if entry.instance is None:
-            entry.instance = instance
         if served is not None:
             self._count_served(entry, served)
         self._record(entry, entry.health.on_report(now))
@@ -493,6 +530,7 @@ class Registry:
                 routed=row["routed"],
                 errors=row["errors"],
                 served_seen=row["served"],
+                restored=True,
             )
             self._entries[entry.id] = entry
             self._sync(entry)
@@ -559,6 +597,41 @@ class Registry:
             _, entry = self._recent.popleft()
             entry.recent = max(0, entry.recent - 1)
             self._sync(entry)
+
+    def _sender(self, id: str, address: str | None, instance: str | None) -> Entry:
+        """The entry a message from (address, instance) about ``id`` may act on.
+
+        ``409 superseded`` for a sender that was replaced, ``404`` for an id
+        not registered, or registered elsewhere only as far as the state file
+        says (the sender registers again, and its registration wins).
+        """
+        entry = self._entries.get(id)
+        replaced = self._superseded.matches(id, address, instance)
+        if entry is not None and _same_process(entry, address, instance):
+            return entry
+        if entry is None and not replaced:
+            raise _not_found(id)
+        if replaced:
+            raise _superseded(id, entry, address, instance)
+        assert entry is not None
+        if address is None or address == entry.address:
+            return entry  # restarted in place
+        if entry.restored:
+            raise RequestError(
+                404,
+                "indexer_not_found",
+                f"id: indexer {id!r} is known here at {entry.address} only from "
+                "the state file; register again",
+            )
+        raise _superseded(id, entry, address, instance)
+
+    def _adopt(self, entry: Entry, instance: str, now: float) -> None:
+        """``instance`` is ``entry``'s indexer restarted in place."""
+        if entry.instance is not None:
+            self._superseded.add(entry, now)
+            entry.served_seen = None  # the new process counts from zero
+        self._superseded.discard(entry.id, entry.address, instance)
+        entry.instance = instance
 
     def _count_served(self, entry: Entry, served: int) -> None:
         previous = entry.served_seen

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from p2plb.errors import error_from_body
 from p2plb.wire import PROTOCOL, encode
 
 __all__ = ["Reporter"]
@@ -130,7 +131,10 @@ class Reporter:
         assert self._session is not None
         url = f"{balancer}/v1/indexers/{self.indexer_id}"
         try:
-            headers = self._headers | {"P2PLB-Instance": self.instance}
+            headers = self._headers | {
+                "P2PLB-Instance": self.instance,
+                "P2PLB-Address": self.address,
+            }
             async with self._session.delete(
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)
             ) as response:
@@ -141,6 +145,19 @@ class Reporter:
                         "process registered this id since; its entry was left alone",
                         balancer,
                         self.indexer_id,
+                    )
+                    return
+                if response.status not in (204, 404):
+                    # 403 with a cluster token: the balancer holds another
+                    # instance of this id (see Registry.unregister).
+                    refusal = error_from_body(
+                        response.status, await _json(response), where=balancer
+                    )
+                    logger.warning(
+                        "reporter.unregister_refused balancer=%s status=%d error=%s",
+                        balancer,
+                        response.status,
+                        refusal,
                     )
                     return
                 logger.info(
