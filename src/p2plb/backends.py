@@ -6,7 +6,7 @@ Rules of this module:
   classes, with the time it is given.
 * The *effective load* of an entry (design.md, "Load") is its freshest reported
   load, plus the proxied requests in flight to it, plus the ``/v1/route``
-  answers still counted as load: ``Entry.load``.
+  answers still counted as load (the registry says which): ``Entry.load``.
 * A ``Flight`` holds the very entry it was counted on, so that finishing it
   never touches an entry that replaced it.
 * ``Superseded`` remembers the processes a new registration replaced, so that
@@ -86,7 +86,8 @@ class Entry:
     errors: int = 0  # proxied requests that failed
     inflight: int = 0  # proxied requests not finished yet
     inflight_at_report: int = 0  # of those, the ones the last load figure included
-    recent: int = 0  # /v1/route answers still counted as load
+    # /v1/route answers still counted as load, oldest first: (number, when).
+    lookaside: deque[tuple[int, float]] = field(default_factory=deque)
     served_seen: int | None = None  # last cumulative "served" counter
     # From the state file and not heard from since: address and instance are
     # what the file says, not what the indexer told this balancer process.
@@ -105,6 +106,11 @@ class Entry:
         """
         others = max(0, self.reported_load - self.inflight_at_report)
         return others + self.inflight + self.recent
+
+    @property
+    def recent(self) -> int:
+        """How many ``/v1/route`` answers still count as load."""
+        return len(self.lookaside)
 
     @property
     def load_percentage(self) -> float:

@@ -85,6 +85,10 @@ class Balancer:
             ),
             strategy=config.strategy,
             forget_after=config.forget_after,
+            # A probe answer carries the indexer's load: a lookaside answer is
+            # normally settled by the next one.  One not settled in three
+            # probes, or once the indexer is unhealthy for silence, is let go.
+            lookaside_max_age=min(3 * config.probe_interval, config.unhealthy_after),
         )
         self.metrics = Metrics(self.registry)
         self.proxy = Proxy(

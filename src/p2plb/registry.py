@@ -30,7 +30,19 @@ Rules of this module:
   Entries restored from a snapshot wait for a successful probe instead.
 * The *effective load* of an entry (design.md, "Load") is its freshest reported
   load, plus the proxied requests in flight to it, plus the ``/v1/route``
-  answers that pointed at it during the last ``service_time`` seconds.
+  answers that pointed at it and still count.
+* A lookaside answer counts until a load figure of its indexer (a report, or
+  the ``P2PLB-Load`` of a probe's or a proxied answer) is observed at least
+  one service time after it: the indexer's own, else ``service_time``.  By
+  then the request the answer sent has arrived, and if it still runs the
+  figure holds it.  This refines design.md's "about one recent service time":
+  a fixed time forgot answers the balancer had learnt nothing about yet, and
+  callers asking one after another 20 ms apart all went to an idle newcomer,
+  each answer forgotten before the next.  An answer older than
+  ``lookaside_max_age`` stops counting anyway, so that an indexer whose load
+  is never observed does not gather answers for ever.  Each answer leaves
+  once, from the front of its entry's queue (an observation) or of the
+  registry's (the age limit): O(1) amortised per answer, and no scan.
 * Two strategy pools are kept up to date on every change of effective load,
   health, state or capacity: reads go to healthy ``serving`` indexers, writes
   to any healthy one (a ``syncing`` indexer takes writes so that it catches
@@ -92,18 +104,22 @@ class Registry:
         strategy: str = "least_load",
         forget_after: float = 3600.0,
         service_time: float = 0.05,
+        lookaside_max_age: float = 6.0,
     ) -> None:
         self._clock = clock
         self._rng = rng
         self.policy = policy
         self.forget_after = forget_after
-        self.service_time = service_time
+        self.service_time = service_time  # when an indexer has not said its own
+        self.lookaside_max_age = lookaside_max_age
 
         self._read: Strategy = make_strategy(strategy, rng)
         self._write: Strategy = make_strategy(strategy, rng)
         self._entries: dict[str, Entry] = {}
         self._ejected: set[str] = set()
-        self._recent: deque[tuple[float, Entry]] = deque()
+        # Every lookaside answer still counted, oldest first: (when, number, entry).
+        self._answers: deque[tuple[float, int, Entry]] = deque()
+        self._answered = 0
         self._superseded = Superseded()
         self._changes: list[HealthChange] = []
         self._total_requests = 0
@@ -324,6 +340,7 @@ class Registry:
         entry.last_report = now
         if service is not None:
             entry.service = service
+        self._observed(entry, now)
         if served is not None:
             self._count_served(entry, served)
         self._record(entry, entry.health.on_report(now))
@@ -350,6 +367,7 @@ class Registry:
         # The answer carrying the header left the indexer's count already.
         entry.inflight_at_report = max(0, entry.inflight - 1)
         entry.capacity = capacity
+        self._observed(entry, self._clock())
         self._sync(entry)
 
     def probe_result(self, id: str, ok: bool, detail: str) -> None:
@@ -377,17 +395,20 @@ class Registry:
         """A lookaside answer (``GET /v1/route``): pick, and count the pick.
 
         The pick counts as ``routed`` and adds one to the entry's effective load
-        for ``service_time`` seconds, so that a burst of lookaside calls
-        spreads out instead of all landing on the idlest indexer.
+        until the balancer learns that indexer's load again (see the rules
+        above), so that lookaside calls, at once or one after another, spread
+        out instead of all landing on the idlest indexer.
         """
         entry = self.pick(op)
         if entry is None:
             raise NoHealthyIndexer(self.describe_none(op))
 
+        now = self._clock()
         entry.routed += 1
         self._total_routed += 1
-        entry.recent += 1
-        self._recent.append((self._clock() + self.service_time, entry))
+        self._answered += 1
+        entry.lookaside.append((self._answered, now))
+        self._answers.append((now, self._answered, entry))
         self._sync(entry)
         return entry
 
@@ -510,7 +531,7 @@ class Registry:
         self._write = make_strategy(snapshot["strategy"], self._rng)
         self._entries = {}
         self._ejected = set()
-        self._recent = deque()
+        self._answers = deque()
         self._total_requests = snapshot["total_requests"]
         self._total_routed = snapshot["routed_requests"]
 
@@ -588,15 +609,26 @@ class Registry:
             self._changes.append(change)
 
     def _expire(self, now: float) -> None:
-        """Stop counting lookaside answers older than ``service_time``.
+        """Stop counting lookaside answers older than ``lookaside_max_age``.
 
-        Expiries are appended in time order, so the oldest is always first:
-        each answer is expired once, O(1) amortised per ``route``.
+        Both queues are in the order answers were given, and an observation
+        only ever takes the oldest of an entry's: an answer still counted there
+        is the first of its entry's when it comes first here.
         """
-        while self._recent and self._recent[0][0] <= now:
-            _, entry = self._recent.popleft()
-            entry.recent = max(0, entry.recent - 1)
-            self._sync(entry)
+        oldest = now - self.lookaside_max_age
+        while self._answers and self._answers[0][0] <= oldest:
+            _, number, entry = self._answers.popleft()
+            if entry.lookaside and entry.lookaside[0][0] == number:
+                entry.lookaside.popleft()
+                self._sync(entry)
+
+    def _observed(self, entry: Entry, now: float) -> None:
+        """A fresh load figure of ``entry``: it holds the requests of the
+        lookaside answers given at least one service time before ``now``."""
+        wait = self.service_time if entry.service is None else entry.service
+        answers = entry.lookaside
+        while answers and answers[0][1] + wait <= now:
+            answers.popleft()
 
     def _sender(self, id: str, address: str | None, instance: str | None) -> Entry:
         """The entry a message from (address, instance) about ``id`` may act on.
