@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -664,20 +666,41 @@ def test_effective_load_adds_inflight_and_recent_picks(clock: FakeClock) -> None
     assert registry.routing_table()["indexers"][0]["load"] == 7
 
 
-def test_status_and_routing_table_agree_once_lookaside_answers_expire(
-    clock: FakeClock,
+def _views(registry: Registry) -> dict[str, Callable[[], float]]:
+    """Every place an indexer's load shows, as a load (not a ratio)."""
+
+    def metric() -> float:
+        text = Metrics(registry).render().decode()
+        found = re.search(r'p2plb_indexer_load_ratio\{indexer="i1"\} (\S+)', text)
+        assert found is not None
+        return float(found[1]) * 10
+
+    return {
+        "status": lambda: registry.status()["indexers"][0]["current_load"],
+        "routing table": lambda: registry.routing_table()["indexers"][0]["load"],
+        "entries": lambda: registry.entries()[0].load,
+        "metrics": metric,
+        "registration": lambda: registry.register("i1", addr(7401), 10)[0].load,
+    }
+
+
+@pytest.mark.parametrize(
+    "first", ["status", "routing table", "entries", "metrics", "registration"]
+)
+def test_every_view_agrees_once_lookaside_answers_expire(
+    clock: FakeClock, first: str
 ) -> None:
+    # Metrics and the indexer list once showed answers past their time, for
+    # only the routing table and status expired them.
     registry = make(clock, lookaside_max_age=6.0)
     add(registry, "i1")
     registry.route("read")
+    views = _views(registry)
+    assert {name: view() for name, view in views.items()} == dict.fromkeys(views, 1)
 
-    def loads() -> tuple[int, int]:
-        status = registry.status()["indexers"][0]["current_load"]
-        return status, registry.routing_table()["indexers"][0]["load"]
-
-    assert loads() == (1, 1)
     clock.advance(6.0)
-    assert loads() == (0, 0)  # status asked first: it expires them too
+    assert views[first]() == 0  # whichever is asked first expires them
+    assert {name: view() for name, view in views.items()} == dict.fromkeys(views, 0)
 
 
 def test_inflight_never_goes_below_zero(clock: FakeClock) -> None:

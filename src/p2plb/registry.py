@@ -161,7 +161,12 @@ class Registry:
         return entry.load
 
     def entries(self) -> list[Entry]:
-        """All entries, in registration order (a replacement keeps its place)."""
+        """All entries, in registration order (a replacement keeps its place).
+
+        Their loads are the ones a routing table would show at this moment:
+        metrics and the indexer list read them here.
+        """
+        self._expire(self._clock())
         return list(self._entries.values())
 
     def get(self, id: str) -> Entry | None:
@@ -228,6 +233,7 @@ class Registry:
         if state not in STATES:
             raise invalid("state", f"must be one of {', '.join(STATES)}; got {state!r}")
         now = self._clock()
+        self._expire(now)  # the answer shows the entry's load as of now
 
         old = self._entries.get(id)
         if old is not None and _same_process(old, address, instance):
