@@ -177,7 +177,7 @@ class Cluster:
             )
             contents[name] = page.json()["items"]
         indexers = balancer.send("GET", "/v1/indexers").json()["indexers"]
-        keys = ("id", "address", "capacity", "zone", "instance", "state", "healthy")
+        keys = ("id", "address", "capacity", "zone", "state", "healthy")
         rows = sorted(tuple(row[k] for k in keys) for row in indexers)
         strategy = balancer.send("GET", "/v1/strategy").json()
         return {"contents": contents, "indexers": rows, "strategy": strategy}
@@ -200,15 +200,15 @@ class Cluster:
         mine = (own["id"], own["address"], own["capacity"], own["zone"])
         kept = False
         for row in now["indexers"]:
-            if row[:4] == mine and row[4] == own["instance"]:
-                kept = row[5] == "serving"
+            if row[:4] == mine:
+                kept = row[4] == "serving"
                 continue
             if row[0] != own["id"]:
                 assert balancer.send("DELETE", f"/v1/indexers/{row[0]}").status == 204
         if not kept:
             answer = balancer.json("POST", "/v1/indexers", own)
             assert answer.status in (200, 201), answer
-            report = {"load": 0, "state": "serving", "instance": own["instance"]}
+            report = {"load": 0, "state": "serving"}
             answer = balancer.json("PUT", f"/v1/indexers/{own['id']}/load", report)
             assert answer.status == 200, answer
 
@@ -254,7 +254,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 break
             assert time.monotonic() < deadline, rows
             time.sleep(0.05)
-        keys = ("id", "address", "capacity", "zone", "instance")
+        keys = ("id", "address", "capacity", "zone")
         registration = {key: rows[0][key] for key in keys}
         cluster = Cluster(balancer, indexer, control, fuzz, registration)
         cluster.settle()

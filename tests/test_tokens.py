@@ -223,3 +223,63 @@ async def test_another_scheme_than_bearer_is_a_missing_token(
     ):
         assert (status, body) == (401, expected(roles))
         assert headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_no_public_answer_tells_an_instance_that_removes_an_indexer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # With the cluster token an indexer may remove itself only, by the
+    # instance it registered with.  GET /v1/indexers once listed every
+    # instance, so any holder of the cluster token could remove any indexer.
+    tokens = ("--cluster-token", "c-secret", "--admin-token", "a-secret")
+    url = procs.balancer("balancer", *tokens, "--probe-interval", "1h").url
+    cluster = bearer("c-secret")
+    victim = {"id": "i2", "address": "http://127.0.0.1:9", "capacity": 4,
+              "instance": "secret-of-i2"}  # fmt: skip
+    for id, instance in (("i1", "secret-of-i1"), ("i2", "secret-of-i2")):
+        body = victim | {"id": id, "instance": instance}
+        status, answer, _ = await request(
+            http, "POST", f"{url}/v1/indexers", json=body, headers=cluster
+        )
+        assert status == 201, answer
+        assert "instance" not in answer
+        status, _, _ = await request(
+            http, "PUT", f"{url}/v1/indexers/{id}/load", json={"load": 0},
+            headers=cluster,
+        )  # fmt: skip
+        assert status == 200
+
+    # Every answer a caller without a token gets, and what a registration
+    # that names no instance answers.
+    seen = ""
+    for path in ("/v1/indexers", "/v1/status", "/v1/routing-table", "/dashboard",
+                 "/metrics", "/openapi.json"):  # fmt: skip
+        async with http.get(url + path) as answer:
+            assert answer.status == 200, path
+            seen += await answer.text()
+    anonymous = {key: victim[key] for key in ("id", "address", "capacity")}
+    status, answer, _ = await request(
+        http, "POST", f"{url}/v1/indexers", json=anonymous, headers=cluster
+    )
+    assert status == 200
+    seen += repr(answer)
+    assert "secret-of" not in seen
+
+    # A DELETE with any string those answers hold is refused: only an admin
+    # removes another indexer.
+    listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]["indexers"]
+    guesses = {str(value) for row in listed for value in row.values()} | {""}
+    for guess in sorted(guesses):
+        sender = {"P2PLB-Instance": guess, "P2PLB-Address": victim["address"]}
+        status, answer, _ = await request(
+            http, "DELETE", f"{url}/v1/indexers/i2", headers=cluster | sender
+        )
+        assert (status, answer["error"]["code"]) == (403, "wrong_token"), guess
+    assert len((await request(http, "GET", f"{url}/v1/indexers"))[1]["indexers"]) == 2
+
+    # The instance itself, known only to its process, removes it.
+    sender = {"P2PLB-Instance": "secret-of-i2"}
+    status, _, _ = await request(
+        http, "DELETE", f"{url}/v1/indexers/i2", headers=cluster | sender
+    )
+    assert status == 204

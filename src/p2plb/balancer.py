@@ -502,12 +502,13 @@ class Balancer:
         return json_response({"strategy": self.registry.strategy})
 
     def _entry_json(self, entry: Entry) -> dict[str, Any]:
+        # Never the instance: it is what proves an indexer's own DELETE with
+        # the cluster token, so only its process may know it.
         return {
             "id": entry.id,
             "address": entry.address,
             "capacity": entry.capacity,
             "zone": entry.zone,
-            "instance": entry.instance,
             "state": entry.state,
             "healthy": entry.health.healthy,
             "health_reason": entry.health.describe(time.monotonic()),

@@ -468,11 +468,13 @@ class BalancerHealth(msgspec.Struct):
 
 
 class IndexerEntry(msgspec.Struct):
+    """An indexer as the balancer lists it; never its instance, which proves
+    an indexer's own DELETE."""
+
     id: str
     address: str
     capacity: Annotated[int, msgspec.Meta(ge=1)]
     zone: str | None
-    instance: str | None
     state: str
     healthy: bool
     health_reason: str
