@@ -541,6 +541,44 @@ async def test_restart_restores_registry_strategy_and_counters(
     assert [r["id"] for r in after["indexers"]] == [r["id"] for r in before["indexers"]]
 
 
+async def test_strategy_and_membership_changes_survive_a_crash_soon_after(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # They were saved at the next --persist-interval only: killed seconds
+    # after a strategy change, a balancer came back with the old strategy.
+    quiet = ("--persist-interval", "1h", "--probe-interval", "1h")
+    balancer = procs.balancer("balancer", *quiet)
+    path = procs.workdir / "balancer-state.json"
+
+    def saved() -> tuple[str, list[str]]:
+        registry = json.loads(path.read_bytes())["registry"]
+        return registry["strategy"], [row["id"] for row in registry["indexers"]]
+
+    async def saved_as(expected: tuple[str, list[str]]) -> None:
+        async def check() -> bool:
+            return saved() == expected
+
+        await eventually(check, within=5)
+
+    async def change(method: str, path: str, body: Any = None) -> None:
+        status, answer, _ = await request(http, method, balancer.url + path, json=body)
+        assert status in (200, 201, 204), answer
+
+    entry = {"id": "i1", "address": "http://127.0.0.1:9", "capacity": 4}
+    for method, target, body, (strategy, ids) in [
+        ("PUT", "/v1/strategy", {"strategy": "p2c"}, ("p2c", [])),
+        ("POST", "/v1/indexers", entry, ("p2c", ["i1"])),
+        ("DELETE", "/v1/indexers/i1", None, ("p2c", [])),
+    ]:
+        await change(method, target, body)
+        await saved_as((strategy, ids))
+        balancer.kill()
+        balancer = procs.balancer("balancer", *quiet)
+        balancer.wait_for(
+            rf"state\.restored path=\S+ indexers={len(ids)} strategy={strategy}\n"
+        )
+
+
 def state_file(**changes: Any) -> bytes:
     """A sound state file holding one indexer, but for ``changes`` (to the
     file's top, the registry or its row, wherever the key is)."""

@@ -6,7 +6,8 @@ Rules of this module:
   it); this module only connects them to HTTP, timers and the state file.
 * Three background loops run beside the server: ``tick`` (report staleness,
   ejection expiry, forgetting), ``probe`` (active ``/healthz`` checks) and
-  ``persist`` (the state file).  Each survives its own errors: a failed probe
+  ``persist`` (the state file, which a change of strategy or membership also
+  saves within ``SAVE_DELAY``).  Each survives its own errors: a failed probe
   round or save is logged and retried on the next interval.
 * Every change of an indexer's health is logged as ``indexer.healthy`` or
   ``indexer.unhealthy`` with its reason, and counted in the metrics.
@@ -34,7 +35,7 @@ from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.openapi import openapi_handler
 from p2plb.proxy import Proxy
 from p2plb.registry import Entry, Registry
-from p2plb.state import StateFileError, load_state, save_state, set_aside
+from p2plb.state import Saver, StateFileError, load_state, save_state, set_aside
 from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
 from p2plb.web import (
@@ -68,6 +69,9 @@ _OPS = ("read", "write")
 #: and where it listens (a restart in place keeps the address).
 INSTANCE_HEADER = "P2PLB-Instance"
 ADDRESS_HEADER = "P2PLB-Address"
+#: How soon a change of strategy or membership is saved (counters wait for
+#: --persist-interval): a crash seconds later must not undo it.
+SAVE_DELAY = 0.5
 
 
 class Balancer:
@@ -100,6 +104,11 @@ class Balancer:
             body_timeout=config.body_timeout,
             observe=self._observe_proxy,
             ssl=client_context(config.ca_file),
+        )
+        self.saver = Saver(
+            config.state_file,
+            lambda: {"registry": self.registry.snapshot()},
+            delay=SAVE_DELAY,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._probe_session: aiohttp.ClientSession | None = None
@@ -155,7 +164,7 @@ class Balancer:
                 self._every(self.config.probe_interval, self._probe_all, "probe")
             ),
             asyncio.create_task(
-                self._every(self.config.persist_interval, self.save, "persist")
+                self._every(self.config.persist_interval, self.saver.save, "persist")
             ),
         ]
 
@@ -166,24 +175,7 @@ class Balancer:
         await self.proxy.close()
         if self._probe_session is not None:
             await self._probe_session.close()
-        await self.save()
-
-    async def save(self) -> None:
-        payload = {"registry": self.registry.snapshot()}
-        try:
-            await asyncio.to_thread(save_state, self.config.state_file, payload)
-        except OSError as exc:
-            logger.error(
-                "state.save_failed path=%s error=%s; the previous state file is intact",
-                self.config.state_file,
-                exc.strerror or exc,
-            )
-            return
-        logger.debug(
-            "state.saved path=%s indexers=%d",
-            self.config.state_file,
-            len(self.registry),
-        )
+        await self.saver.close()
 
     def _tick_interval(self) -> float:
         return max(0.05, min(1.0, self.config.unhealthy_after / 4))
@@ -204,6 +196,8 @@ class Balancer:
     def _log_changes(self, changes: list[HealthChange]) -> None:
         changes = changes + self.registry.drain_changes()
         for change in changes:
+            if change.removed:
+                self.saver.soon()
             if change.removed or change.refused:
                 event = "forgotten" if change.removed else "ejection_refused"
                 logger.warning(
@@ -332,6 +326,7 @@ class Balancer:
             body.id, body.address, body.capacity, zone=body.zone, instance=body.instance
         )
 
+        self.saver.soon()
         logger.info(
             "indexer.registered id=%s address=%s capacity=%d new=%s",
             entry.id,
@@ -378,6 +373,7 @@ class Balancer:
                 )
             raise
 
+        self.saver.soon()
         logger.info("indexer.unregistered id=%s address=%s", entry.id, entry.address)
         return web.Response(status=204)
 
@@ -401,6 +397,7 @@ class Balancer:
             service=None if body.service_ms is None else body.service_ms / 1000.0,
         )
         if before is not None and entry.instance != before:
+            self.saver.soon()
             logger.info(
                 "indexer.instance_changed id=%s address=%s; restarted in place",
                 entry.id,
@@ -497,6 +494,7 @@ class Balancer:
 
         previous = self.registry.strategy
         self.registry.set_strategy(body.strategy)
+        self.saver.soon()
 
         logger.info("balancer.strategy_changed from=%s to=%s", previous, body.strategy)
         return json_response({"strategy": self.registry.strategy})

@@ -1,8 +1,16 @@
-"""The balancer's state file: saved atomically, never loaded when damaged.
+"""The balancer's state file: saved atomically, soon after a change, never
+loaded when damaged.
 
 A save writes a temporary file beside the state file, fsyncs it, renames it over
 the old one and fsyncs the directory, so a crash or a full disk at any moment
 leaves either the old state or the new one, never half of one.
+
+``Saver`` decides when: every ``--persist-interval`` (counters), within
+``delay`` of a change an operator or an indexer would miss after a crash (a
+strategy, a registration, a removal), and at shutdown.  Changes within
+``delay`` of each other share one save, so a fleet registering at once costs
+one save a second rather than one each.  Saves never overlap: they share the
+temporary file.
 
 A state file that cannot be read back whole (empty, truncated, NUL-filled,
 valid JSON of the wrong shape) is renamed aside to
@@ -12,16 +20,25 @@ empty and serves, since indexers register again within one report interval.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-__all__ = ["FORMAT", "StateFileError", "load_state", "save_state", "set_aside"]
+__all__ = [
+    "FORMAT",
+    "Saver",
+    "StateFileError",
+    "load_state",
+    "save_state",
+    "set_aside",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +137,64 @@ def set_aside(path: str | Path, reason: str) -> Path | None:
         aside,
     )
     return aside
+
+
+class Saver:
+    """Saves what ``payload`` returns to ``path``, at the times described above."""
+
+    def __init__(
+        self, path: str | Path, payload: Callable[[], dict[str, Any]], delay: float
+    ) -> None:
+        self.path = path
+        self.payload = payload
+        self.delay = delay
+        self._lock = asyncio.Lock()
+        self._changed = False
+        self._pending: asyncio.Task[None] | None = None
+
+    def soon(self) -> None:
+        """Something worth keeping changed: save within ``delay``."""
+        self._changed = True
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.get_running_loop().create_task(self._later())
+
+    async def save(self) -> None:
+        """Save now; a failed save is logged and leaves the previous file.
+
+        Shielded: a caller cancelled mid-write leaves the write to finish
+        under the lock, so the next save cannot write the same temporary
+        file at the same time.
+        """
+        await asyncio.shield(self._save())
+
+    async def close(self) -> None:
+        """The last save, at shutdown, after any save still under way."""
+        if self._pending is not None:
+            self._pending.cancel()
+            await asyncio.gather(self._pending, return_exceptions=True)
+        await self.save()
+
+    async def _later(self) -> None:
+        # A change made while a save runs is in no snapshot yet: go round.
+        while self._changed:
+            await asyncio.sleep(self.delay)
+            self._changed = False
+            try:
+                await self.save()
+            except Exception:  # the periodic save still runs: keep serving
+                logger.exception("state.save_failed path=%s", self.path)
+
+    async def _save(self) -> None:
+        async with self._lock:
+            payload = self.payload()
+            try:
+                await asyncio.to_thread(save_state, self.path, payload)
+            except OSError as exc:
+                logger.error(
+                    "state.save_failed path=%s error=%s; the previous state file "
+                    "is intact",
+                    self.path,
+                    exc.strerror or exc,
+                )
+                return
+        logger.debug("state.saved path=%s", self.path)
