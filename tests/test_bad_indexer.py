@@ -147,6 +147,36 @@ async def test_malformed_headers_leave_balancer_and_client_working(
     assert sorted(said) == ["P2PLB-Load", "P2PLB-Service-Ms"], said
 
 
+async def test_the_proxy_passes_on_only_a_sane_retry_after(
+    procs: Procs, http: aiohttp.ClientSession, odd: FakeIndexer
+) -> None:
+    # Passed on unchecked, "-1", a day or a date reached HTTP callers, which
+    # may wait for whatever they are told.
+    balancer = procs.balancer("balancer", "--probe-interval", "1h")
+    await register(http, balancer.url, odd)
+    overloaded = b'{"error": {"code": "overloaded", "message": "busy"}}'
+    for value, passed_on in [
+        ("7", "7"),
+        ("0007", "7"),
+        ("3600", "3600"),
+        ("0", "1"),
+        ("3601", "1"),
+        ("86400", "1"),
+        ("-1", "1"),
+        ("2.5", "1"),
+        ("nan", "1"),
+        (HUGE, "1"),
+        ("\u0661", "1"),
+        ("Fri, 31 Dec 1999 23:59:59 GMT", "1"),
+    ]:
+        odd.handle = answering(503, overloaded, **{"Retry-After": value})
+        status, body, headers = await request(
+            http, "GET", f"{balancer.url}/v1/indices/songs"
+        )
+        assert (status, body["error"]["code"]) == (503, "overloaded")
+        assert headers["Retry-After"] == passed_on, value
+
+
 async def test_malformed_bodies_are_the_indexers_failure(
     procs: Procs, http: aiohttp.ClientSession, odd: FakeIndexer
 ) -> None:

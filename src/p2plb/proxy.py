@@ -27,7 +27,10 @@ Rules of this module:
 * Each answer's ``P2PLB-Load`` and ``P2PLB-Service-Ms`` headers update the
   registry's view of that indexer, which is fresher than its last report.  What
   an indexer sends is never trusted to be well formed: a malformed header is
-  ignored, a body that does not decode is no error code and no version.
+  ignored, a body that does not decode is no error code and no version.  A
+  ``Retry-After`` is passed on to the caller only as whole seconds from 1 to
+  ``MAX_RETRY_AFTER``, else as ``DEFAULT_RETRY_AFTER``: an HTTP client may
+  wait for whatever it is told ("-1", an hour and more, a date).
 
 Known shortcoming: the proxy runs in one Python process, about 0.3-0.5x
 HAProxy's requests per second on two cores (aiohttp's client is a third of
@@ -52,12 +55,12 @@ from aiohttp import web
 from yarl import URL
 
 from p2plb.budget import RetryBudget
-from p2plb.errors import LoopDetected, NoHealthyIndexer
+from p2plb.errors import LoopDetected, NoHealthyIndexer, RequestError
 from p2plb.hlc import is_version
 from p2plb.registry import Registry
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
 from p2plb.web import read_body
-from p2plb.wire import MAX_CAPACITY, MAX_COUNT
+from p2plb.wire import MAX_CAPACITY, MAX_COUNT, check_whole_number
 
 __all__ = [
     "LOAD_HEADER",
@@ -79,6 +82,8 @@ VIA_HEADER = "P2PLB-Via"
 # (its peers are the problem, not this indexer).
 _LOAD_SIGNALS = frozenset({"overloaded", "replica_behind", "insufficient_replicas"})
 _PASSED_HEADERS = ("Content-Type", "Retry-After", LOAD_HEADER, SERVICE_HEADER)
+MAX_RETRY_AFTER = 3600
+DEFAULT_RETRY_AFTER = "1"  # what a p2plb indexer sends when overloaded
 
 
 # ASCII digits only: ``str.isdigit`` and ``int`` also take "²" and "١٢", and
@@ -283,6 +288,8 @@ class Proxy:
         # Health counts only what says the indexer is broken: a 503 for load or
         # a 4xx for a bad request is the indexer working as designed.
         self.note_load(indexer_id, passed)
+        if "Retry-After" in passed:
+            passed["Retry-After"] = self._retry_after(indexer_id, passed["Retry-After"])
         code = _error_code(payload) if status in (503, 508) else None
         load_signal = status == 503 and code in _LOAD_SIGNALS
         broken = status >= 500 and not load_signal
@@ -321,6 +328,14 @@ class Proxy:
         if seconds is None and service is not None:
             self._malformed(indexer_id, SERVICE_HEADER, service)
         self.registry.observe_load(indexer_id, *parsed, seconds)
+
+    def _retry_after(self, indexer_id: str, value: str) -> str:
+        try:
+            seconds = check_whole_number(value, "Retry-After", 1, MAX_RETRY_AFTER)
+        except RequestError:
+            self._malformed(indexer_id, "Retry-After", value)
+            return DEFAULT_RETRY_AFTER
+        return str(seconds)
 
     def _malformed(self, indexer_id: str, header: str, value: str) -> None:
         if self._told.first((indexer_id, header)):
