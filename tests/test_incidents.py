@@ -601,6 +601,41 @@ async def test_bad_names_are_400_at_the_balancer_and_the_indexer(
     }
 
 
+async def test_bad_queries_are_400_at_the_balancer_even_with_no_indexer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # The balancer checked only the name before routing: with no healthy
+    # indexer, ?limit=1&limit=2 answered 503 no_healthy_indexer, not 400.
+    balancer = procs.balancer("balancer")
+    indexer = procs.indexer("i1")  # registered nowhere: it answers the same
+    for method, target in [
+        ("GET", "/v1/indices/x?limit=1&limit=2"),
+        ("GET", "/v1/indices/x?limit=0"),
+        ("GET", "/v1/indices/x?limit=ten"),
+        ("GET", "/v1/indices/x?after="),
+        ("GET", "/v1/indices/x?after=%FF"),
+        ("GET", "/v1/indices/x?nope=1"),
+        ("GET", "/v1/indices?limit=5"),
+        ("POST", "/v1/indices/x/items?item=a"),
+        ("POST", "/v1/indices/x/items/remove?x=1"),
+        ("DELETE", "/v1/indices/x/items"),
+        ("DELETE", "/v1/indices/x/items?item="),
+        ("DELETE", "/v1/indices/x/items?item=a&item=b"),
+    ]:
+        answers = [
+            (await request(http, method, url + target, json={"item": "a"}))[:2]
+            for url in (balancer.url, indexer.url)
+        ]
+        assert answers[0][0] == 400, (target, answers[0])
+        assert answers[0] == answers[1], target
+
+    # A sound query still goes looking for an indexer.
+    status, body, _ = await request(
+        http, "GET", f"{balancer.url}/v1/indices/x?limit=5&after=a"
+    )
+    assert (status, body["error"]["code"]) == (503, "no_healthy_indexer")
+
+
 async def test_unicode_is_identical_through_the_balancer_after_a_restart(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:

@@ -40,9 +40,11 @@ from p2plb.tls import client_context, server_context
 from p2plb.tokens import require
 from p2plb.web import (
     INDEX,
+    check_index,
+    check_item_query,
+    check_page,
     check_query,
     error_middleware,
-    index_name,
     json_response,
     read_body,
 )
@@ -268,20 +270,21 @@ class Balancer:
         add.add_get("/v1/status", self.status)
         add.add_get("/v1/strategy", self.get_strategy)
         add.add_put("/v1/strategy", self.put_strategy)
-        # The index API, proxied.
-        add.add_get("/v1/indices", self._forward("read"))
-        add.add_get(INDEX, self._forward("read"))
-        add.add_post(INDEX + "/items", self._forward("write"))
-        add.add_post(INDEX + "/items/remove", self._forward("write"))
-        add.add_delete(INDEX + "/items", self._forward("write"))
+        # The index API, proxied, each route checked as the indexer checks it.
+        add.add_get("/v1/indices", self._forward("read", check_query))
+        add.add_get(INDEX, self._forward("read", check_page))
+        add.add_post(INDEX + "/items", self._forward("write", check_index))
+        add.add_post(INDEX + "/items/remove", self._forward("write", check_index))
+        add.add_delete(INDEX + "/items", self._forward("write", check_item_query))
         return app
 
-    def _forward(self, op: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _forward(
+        self, op: str, check: Callable[[web.Request], object]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def forward(request: web.Request) -> web.Response:
-            # A bad name is the caller's mistake whether or not an indexer
-            # is up to say so: 400 here, never 503 no_healthy_indexer.
-            if "name" in request.match_info:
-                index_name(request)
+            # A bad name or query is the caller's mistake whether or not an
+            # indexer is up to say so: 400 here, never 503 no_healthy_indexer.
+            check(request)
             try:
                 return await self.proxy.forward(request, op=op)
             finally:

@@ -37,18 +37,21 @@ from p2plb.servicetime import SERVICE_HEADER, ServiceTime, format_service_header
 from p2plb.storage import BUCKETS, MAX_DRIFT_MS, Committed, Storage
 from p2plb.tls import client_context, server_context
 from p2plb.web import (
+    DEFAULT_PAGE,
     INDEX,
+    MAX_PAGE,
+    check_index,
+    check_item_query,
+    check_page,
     check_query,
     error_middleware,
     error_response,
-    index_name,
     json_response,
     read_body,
 )
 from p2plb.wire import (
     PROTOCOL,
     ItemsBody,
-    check_item,
     check_name,
     check_whole_number,
     decode_body,
@@ -63,11 +66,6 @@ LOAD_HEADER = "P2PLB-Load"
 MIN_VERSION_HEADER = "P2PLB-Min-Version"
 # A push between indexers may carry a large batch; it is not a public request.
 _REPLICATION_BODY = 256 * 1024 * 1024
-DEFAULT_PAGE = 1000
-MAX_PAGE = 10_000
-
-_GET_QUERY = frozenset({"limit", "after"})
-_DELETE_QUERY = frozenset({"item"})
 
 STORAGE_KEY = web.AppKey("storage", Storage)
 
@@ -235,8 +233,7 @@ class Indexer:
     # -- the index API ---------------------------------------------------------------
 
     async def add_items(self, request: web.Request) -> web.Response:
-        check_query(request)
-        name = index_name(request)
+        name = check_index(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -256,8 +253,7 @@ class Indexer:
         )
 
     async def remove_items(self, request: web.Request) -> web.Response:
-        check_query(request)
-        name = index_name(request)
+        name = check_index(request)
         body = decode_body(
             await read_body(
                 request, self.config.max_body_size, self.config.body_timeout
@@ -267,13 +263,8 @@ class Indexer:
         return await self._remove(name, body.values())
 
     async def delete_item(self, request: web.Request) -> web.Response:
-        check_query(request, _DELETE_QUERY)
-        name = index_name(request)
-        if "item" not in request.query:
-            raise RequestError(
-                400, "invalid_field", "item: query parameter is required"
-            )
-        return await self._remove(name, [check_item(request.query["item"])])
+        name, item = check_item_query(request)
+        return await self._remove(name, [item])
 
     async def _remove(self, name: str, items: list[str]) -> web.Response:
         result = await self.storage.remove(name, items)
@@ -293,12 +284,7 @@ class Indexer:
         if cached is not None:
             return _cached_response(*cached)
 
-        check_query(request, _GET_QUERY)
-        name = index_name(request)
-        limit = _page_limit(request.query.get("limit"))
-        after = request.query.get("after")
-        if after is not None:
-            check_item(after, field="after")
+        name, limit, after = check_page(request)
         generation = self.cache.generation(name)  # before the read: see cache.py
         page = await self.storage.get(name, limit=limit, after=after)
 
@@ -364,12 +350,6 @@ _LIST_KEY = "list of indices"  # never a raw path: those start with "/"
 
 def _cached_response(status: int, body: bytes) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
-
-
-def _page_limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_PAGE
-    return check_whole_number(raw, "limit", 1, MAX_PAGE)
 
 
 def advertise_url(config: IndexerConfig, bound_url: str, wildcard: bool) -> str:

@@ -27,13 +27,25 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from p2plb.errors import RemoteError, RequestError, StorageError
-from p2plb.wire import check_name, decode_percent, encode, invalid
+from p2plb.wire import (
+    check_item,
+    check_name,
+    check_whole_number,
+    decode_percent,
+    encode,
+    invalid,
+)
 
 __all__ = [
+    "DEFAULT_PAGE",
     "INDEX",
+    "MAX_PAGE",
     "MAX_HEADER_LINE",
     "MAX_REQUEST_LINE",
     "MAX_URL",
+    "check_index",
+    "check_item_query",
+    "check_page",
     "check_query",
     "error_middleware",
     "error_response",
@@ -53,6 +65,8 @@ _JSON = "application/json"
 #: braces, which names may hold (aiohttp's default pattern refuses them).
 INDEX = "/v1/indices/{name:[^/]*}"
 _NAME_SEGMENT = INDEX[: INDEX.index("{")].count("/")
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10_000
 
 #: The longest path and query the application takes; longer gets ``414``.  It
 #: fits the longest request p2plb itself sends: a 256-character name and a
@@ -170,6 +184,45 @@ def check_query(request: web.Request, allowed: frozenset[str] = _NO_QUERY) -> No
             raise invalid(key, "given more than once")
         seen.add(key)
         decode_percent(_plus_as_space(raw_value), key)
+
+
+# The checks of the index API's paths and queries, in the order the indexer
+# makes them: the balancer makes them too before it forwards a request, so that
+# a bad one is 400 whether or not an indexer is up to say so.  Bodies are left
+# to the indexer, which reads them anyway.
+
+
+def check_index(request: web.Request) -> str:
+    """``POST /v1/indices/{name}/items`` and ``.../items/remove``: the name."""
+    check_query(request)
+    return index_name(request)
+
+
+def check_page(request: web.Request) -> tuple[str, int, str | None]:
+    """``GET /v1/indices/{name}``: the name, ``limit`` and ``after``."""
+    check_query(request, _PAGE_QUERY)
+    name = index_name(request)
+    raw = request.query.get("limit")
+    limit = (
+        DEFAULT_PAGE if raw is None else check_whole_number(raw, "limit", 1, MAX_PAGE)
+    )
+    after = request.query.get("after")
+    if after is not None:
+        check_item(after, field="after")
+    return name, limit, after
+
+
+def check_item_query(request: web.Request) -> tuple[str, str]:
+    """``DELETE /v1/indices/{name}/items?item=``: the name and the item."""
+    check_query(request, _ITEM_QUERY)
+    name = index_name(request)
+    if "item" not in request.query:
+        raise invalid("item", "query parameter is required")
+    return name, check_item(request.query["item"])
+
+
+_PAGE_QUERY = frozenset({"limit", "after"})
+_ITEM_QUERY = frozenset({"item"})
 
 
 def _query_key(raw: str) -> str:
