@@ -360,6 +360,12 @@ async def test_the_proxy_keeps_retries_within_its_budget_when_all_are_overloaded
         )
     rows = await status_rows(http, balancer)
     assert [(r["healthy"], r["errors"]) for r in rows.values()] == [(True, 0)] * 2
+    # Each read that got no second attempt was refused one: operators see it.
+    async with http.get(f"{balancer.url}/metrics") as answer:
+        metrics = await answer.text()
+    refused = re.search(r"^p2plb_proxy_retries_refused_total (\S+)$", metrics, re.M)
+    assert refused is not None, metrics
+    assert float(refused[1]) == 200 - attempts > 0
 
 
 # -- 6. removal with reads in flight ---------------------------------------------------

@@ -96,7 +96,6 @@ class Balancer:
             # probes, or once the indexer is unhealthy for silence, is let go.
             lookaside_max_age=min(3 * config.probe_interval, config.unhealthy_after),
         )
-        self.metrics = Metrics(self.registry)
         self.proxy = Proxy(
             self.registry,
             timeout=config.proxy_timeout,
@@ -107,6 +106,7 @@ class Balancer:
             observe=self._observe_proxy,
             ssl=client_context(config.ca_file),
         )
+        self.metrics = Metrics(self.registry, self.proxy)
         self.saver = Saver(
             config.state_file,
             lambda: {"registry": self.registry.snapshot()},

@@ -2,8 +2,9 @@
 
 Per-indexer figures (load, health, request counters) are read from the registry
 when Prometheus scrapes, by a custom collector, so the request path pays nothing
-for them.  Only what happens per request and has no home in the registry (proxy
-latency, route decisions per strategy, health transitions) is counted live.
+for them; so are the proxy's own counts.  Only what happens per request and has
+no home elsewhere (proxy latency, route decisions per strategy, health
+transitions) is counted live.
 
 Each balancer owns its own ``CollectorRegistry``, so several can run in one
 process (tests) without sharing counters.
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from p2plb.proxy import Proxy
 from p2plb.registry import Registry
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -96,10 +98,25 @@ class _RegistryCollector(Collector):
         yield from (healthy, total, ratio, up, served, routed, errors, service)
 
 
+class _ProxyCollector(Collector):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "p2plb_proxy_retries_refused",
+            "Proxied requests not retried on another indexer for want of retry budget.",
+        )
+        refused.add_metric([], self.proxy.budget_refusals)
+        yield refused
+
+
 class Metrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, proxy: Proxy | None = None) -> None:
         self.collectors = CollectorRegistry(auto_describe=True)
         self.collectors.register(_RegistryCollector(registry))
+        if proxy is not None:
+            self.collectors.register(_ProxyCollector(proxy))
         self.route_decisions = Counter(
             "p2plb_route_decisions",
             "Indexers chosen, by strategy and path (proxy or lookaside).",
