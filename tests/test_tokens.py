@@ -11,6 +11,7 @@ import pytest
 from p2plb.errors import RequestError
 from p2plb.tokens import authorized_as
 from procs import Procs, eventually, request
+from test_membership import free_port
 
 ROLES = {"cluster": "c-secret", "admin": "a-secret"}
 REQUIRED = "Authorization: a Bearer cluster or admin token is required"
@@ -283,3 +284,46 @@ async def test_no_public_answer_tells_an_instance_that_removes_an_indexer(
         http, "DELETE", f"{url}/v1/indexers/i2", headers=cluster | sender
     )
     assert status == 204
+
+
+async def test_with_a_cluster_token_only_the_instance_held_removes_an_indexer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # A balancer restored from a state file older than the indexer's restart
+    # in place holds another instance than the process that stops.  The
+    # address is public, so its DELETE proves nothing with a cluster token:
+    # it is refused, the indexer says so, and probes take the entry out.
+    port, indexer_port = free_port(), free_port()
+    tokens = ("--port", str(port), "--cluster-token", "c-secret", "--admin-token",
+              "a-secret")  # fmt: skip
+    balancer = procs.balancer("balancer", *tokens)
+    url = balancer.url
+    state = procs.workdir / "balancer-state.json"
+    earlier = {"id": "x1", "address": f"http://127.0.0.1:{indexer_port}",
+               "capacity": 4, "instance": "a"}  # fmt: skip
+    status, _, _ = await request(
+        http, "POST", f"{url}/v1/indexers", json=earlier, headers=bearer("c-secret")
+    )
+    assert status == 201
+
+    async def saved() -> bool:
+        return b'"instance":"a"' in state.read_bytes()
+
+    await eventually(saved, within=5)
+    older = state.read_bytes()
+    flags = ("--port", str(indexer_port), "--balancer", url, "--cluster-token",
+             "c-secret", "--report-interval", "1h")  # fmt: skip
+    indexer = procs.indexer("x1", *flags)
+    indexer.wait_for(r"reporter\.registered ")
+    balancer.kill()
+    state.write_bytes(older)
+    procs.balancer("balancer", *tokens).wait_for(r"state\.restored .*indexers=1 ")
+
+    assert indexer.stop() == 0
+    indexer.wait_for(
+        r"WARNING p2plb\.reporter reporter\.unregister_refused balancer=\S+ "
+        r"status=403 code=wrong_token error=\S+: Authorization: removing another "
+        r"indexer needs the admin token"
+    )
+    listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]["indexers"]
+    assert [row["id"] for row in listed] == ["x1"]

@@ -287,6 +287,14 @@ class Registry:
         sender whose token lets it remove itself only: then nothing but the
         very instance held here will do (``403 wrong_token``), since a restart
         in place is told apart by the address alone, which anyone can read.
+
+        Known shortcoming: with a cluster token, an indexer restarted in place
+        that stops before its first report to a balancer restored from an
+        older state file cannot remove itself there (403); that balancer's
+        probes take the entry out within ``probe_fall`` intervals.  A secret
+        that outlives the process (kept in the indexer's data directory, sent
+        when it registers) as the proof, apart from the per-process instance,
+        would fix it.
         """
         if instance is None and address is None:
             entry = self._entries.get(id)  # an admin, naming no process

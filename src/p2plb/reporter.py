@@ -150,14 +150,14 @@ class Reporter:
                 if response.status not in (204, 404):
                     # 403 with a cluster token: the balancer holds another
                     # instance of this id (see Registry.unregister).
-                    refusal = error_from_body(
-                        response.status, await _json(response), where=balancer
-                    )
+                    answer = await _json(response)
                     logger.warning(
-                        "reporter.unregister_refused balancer=%s status=%d error=%s",
+                        "reporter.unregister_refused balancer=%s status=%d code=%s "
+                        "error=%s",
                         balancer,
                         response.status,
-                        refusal,
+                        _code(answer),
+                        error_from_body(response.status, answer, where=balancer),
                     )
                     return
                 logger.info(
