@@ -540,6 +540,19 @@ def test_lookaside_answers_stop_counting_at_the_age_limit(clock: FakeClock) -> N
     assert load() == 0
 
 
+def test_at_most_max_lookaside_answers_count_at_once(clock: FakeClock) -> None:
+    registry = make(clock, max_lookaside=3, lookaside_max_age=3600.0)
+    add(registry, "i1", "i2")
+    for _ in range(5):
+        registry.route("read")
+    # The two oldest went first, whichever indexer they pointed at.
+    assert sum(entry.recent for entry in registry.entries()) == 3
+    clock.advance(0.05)
+    for id in ("i1", "i2"):
+        registry.report(id, 0, "serving")
+    assert [entry.recent for entry in registry.entries()] == [0, 0]
+
+
 _STEPS = st.lists(
     st.one_of(
         st.tuples(st.just("route"), st.sampled_from(["read", "write"])),

@@ -40,7 +40,9 @@ Rules of this module:
   callers asking one after another 20 ms apart all went to an idle newcomer,
   each answer forgotten before the next.  An answer older than
   ``lookaside_max_age`` stops counting anyway, so that an indexer whose load
-  is never observed does not gather answers for ever.  Each answer leaves
+  is never observed does not gather answers for ever; so does the oldest of
+  more than ``max_lookaside`` (memory stays bounded, about 200 bytes each,
+  when loads go unobserved for long under many picks).  Each answer leaves
   once, from the front of its entry's queue (an observation) or of the
   registry's (the age limit): O(1) amortised per answer, and no scan.
 * Two strategy pools are kept up to date on every change of effective load,
@@ -105,6 +107,7 @@ class Registry:
         forget_after: float = 3600.0,
         service_time: float = 0.05,
         lookaside_max_age: float = 6.0,
+        max_lookaside: int = 100_000,
     ) -> None:
         self._clock = clock
         self._rng = rng
@@ -112,6 +115,7 @@ class Registry:
         self.forget_after = forget_after
         self.service_time = service_time  # when an indexer has not said its own
         self.lookaside_max_age = lookaside_max_age
+        self.max_lookaside = max_lookaside
 
         self._read: Strategy = make_strategy(strategy, rng)
         self._write: Strategy = make_strategy(strategy, rng)
@@ -423,6 +427,8 @@ class Registry:
         self._answered += 1
         entry.lookaside.append((self._answered, now))
         self._answers.append((now, self._answered, entry))
+        if len(self._answers) > self.max_lookaside:
+            self._drop_oldest_answer()
         self._sync(entry)
         return entry
 
@@ -631,10 +637,13 @@ class Registry:
         """
         oldest = now - self.lookaside_max_age
         while self._answers and self._answers[0][0] <= oldest:
-            _, number, entry = self._answers.popleft()
-            if entry.lookaside and entry.lookaside[0][0] == number:
-                entry.lookaside.popleft()
-                self._sync(entry)
+            self._drop_oldest_answer()
+
+    def _drop_oldest_answer(self) -> None:
+        _, number, entry = self._answers.popleft()
+        if entry.lookaside and entry.lookaside[0][0] == number:
+            entry.lookaside.popleft()
+            self._sync(entry)
 
     def _observed(self, entry: Entry, now: float) -> None:
         """A fresh load figure of ``entry``: it holds the requests of the
