@@ -9,8 +9,6 @@ Rules of this module:
   answers still counted as load (the registry says which): ``Entry.load``.
 * A ``Flight`` holds the very entry it was counted on, so that finishing it
   never touches an entry that replaced it.
-* ``Superseded`` remembers the processes a new registration replaced, so that
-  their reports are refused as such and they stop.
 
 Named for the strategies' word, *backend*, to stay apart from ``indexer`` (the
 indexer's server) and ``entries`` (how the indexer stores an item).
@@ -25,7 +23,7 @@ from typing import Any
 
 from p2plb.health import Health
 
-__all__ = ["STATES", "Entry", "Flight", "LatencyWindow", "Superseded"]
+__all__ = ["STATES", "Entry", "Flight", "LatencyWindow"]
 
 # What an indexer may report itself as: caught up, or still catching up.
 STATES = ("serving", "syncing")
@@ -172,51 +170,3 @@ class Flight:
     @property
     def id(self) -> str | None:
         return None if self.entry is None else self.entry.id
-
-
-class Superseded:
-    """Processes replaced by a newer registration of their id, for a while.
-
-    A report from one of them gets ``409 superseded`` rather than ``404``, so
-    the old process learns that it must stop.  At most ``KEPT`` are remembered
-    per id, each until ``expire`` finds it older than ``forget_after``.
-    """
-
-    KEPT = 4
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, deque[tuple[str, str | None, float]]] = {}
-
-    def add(self, old: Entry, now: float) -> None:
-        """Remember the process of ``old``, just replaced at ``now``."""
-        replaced = self._by_id.setdefault(old.id, deque(maxlen=self.KEPT))
-        replaced.append((old.address, old.instance, now))
-
-    def discard(self, id: str, address: str, instance: str | None) -> None:
-        """Forget (address, instance) of ``id``: it registered again."""
-        replaced = self._by_id.get(id)
-        if replaced is None:
-            return
-        kept = [row for row in replaced if (row[0], row[1]) != (address, instance)]
-        replaced.clear()
-        replaced.extend(kept)
-
-    def matches(self, id: str, address: str | None, instance: str | None) -> bool:
-        """Whether a sender of ``id`` is a replaced process; what it leaves out
-        matches anything, and a sender that gives neither matches nothing."""
-        if address is None and instance is None:
-            return False
-        for old_address, old_instance, _ in self._by_id.get(id, ()):
-            address_matches = address is None or address == old_address
-            instance_matches = instance is None or instance == old_instance
-            if address_matches and instance_matches:
-                return True
-        return False
-
-    def expire(self, now: float, forget_after: float) -> None:
-        """Forget processes replaced ``forget_after`` seconds ago or more."""
-        for id, replaced in list(self._by_id.items()):
-            while replaced and now - replaced[0][2] >= forget_after:
-                replaced.popleft()
-            if not replaced:
-                del self._by_id[id]

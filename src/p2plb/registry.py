@@ -5,46 +5,19 @@ Rules of this module:
 * No I/O.  Time comes from the ``clock`` passed in (monotonic seconds) and
   randomness from the ``random.Random`` passed in; the server calls in when
   something happens and logs the ``HealthChange`` events it drains.
-* One entry per indexer id.  A registration from a different process (a new
-  address, or a new ``instance``) replaces the entry at once; the replaced
-  (address, instance) is remembered for ``forget_after``, and its reports get
-  ``409 superseded`` so that it stops.
-* A 409 stops a live indexer for good, so only what shows a replacement gives
-  one: a replacement this balancer process saw, or a message from another
-  address than the entry's.  A different instance at the entry's address is
-  the same indexer restarted in place (two processes cannot listen at one
-  address): a report from it adopts its instance, and its own DELETE removes
-  the entry.  A message that leaves out its address is taken to come from the
-  entry's.
-* A restored entry is trusted to route (once probed) and to prove a DELETE by
-  its instance, and for nothing else: the state file may be older than what
-  the indexer did since (a balancer killed before its next save misses a
-  restart in place, or a move).  Until its indexer speaks to this process it
-  refuses no one: a message from its address adopts the instance it carries,
-  and one from elsewhere gets ``404`` so that the indexer registers again,
-  which replaces the entry.  Replacements are remembered in memory only, so a
-  restart also forgets who was replaced; the registration rule (the newest
-  registration wins) then decides.
+* One entry per indexer id, replaced by a registration from another process.
+  Who a message speaks for follows ``p2plb.membership``, which says why: a
+  ``409 superseded`` only where a replacement shows (one this process saw, or
+  another address than an entry heard from since the restart); another
+  instance at the entry's address is the indexer restarted in place, and is
+  adopted; a restored entry refuses no one until its indexer speaks.
 * A new registration is healthy at once and takes writes; it takes reads once
   a report says ``serving`` (it may still have to catch up before that).
   Entries restored from a snapshot wait for a successful probe instead.
 * The *effective load* of an entry (design.md, "Load") is its freshest reported
   load, plus the proxied requests in flight to it, plus the ``/v1/route``
-  answers that pointed at it and still count.
-* A lookaside answer counts until a load figure of its indexer (a report, or
-  the ``P2PLB-Load`` of a probe's or a proxied answer) is observed at least
-  one service time after it: the indexer's own, else ``service_time``.  By
-  then the request the answer sent has arrived, and if it still runs the
-  figure holds it.  This refines design.md's "about one recent service time":
-  a fixed time forgot answers the balancer had learnt nothing about yet, and
-  callers asking one after another 20 ms apart all went to an idle newcomer,
-  each answer forgotten before the next.  An answer older than
-  ``lookaside_max_age`` stops counting anyway, so that an indexer whose load
-  is never observed does not gather answers for ever; so does the oldest of
-  more than ``max_lookaside`` (memory stays bounded, about 200 bytes each,
-  when loads go unobserved for long under many picks).  Each answer leaves
-  once, from the front of its entry's queue (an observation) or of the
-  registry's (the age limit): O(1) amortised per answer, and no scan.
+  answers that pointed at it and still count: until a load figure of it is
+  observed at least one service time after them (``p2plb.lookaside``).
 * Two strategy pools are kept up to date on every change of effective load,
   health, state or capacity: reads go to healthy ``serving`` indexers, writes
   to any healthy one (a ``syncing`` indexer takes writes so that it catches
@@ -64,13 +37,14 @@ Rules of this module:
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
-from p2plb.backends import STATES, Entry, Flight, LatencyWindow, Superseded
+from p2plb.backends import STATES, Entry, Flight, LatencyWindow
 from p2plb.errors import NoHealthyIndexer, RequestError
 from p2plb.health import Health, HealthChange, HealthPolicy
+from p2plb.lookaside import Lookaside
+from p2plb.membership import Replacements, not_found, same_process
 from p2plb.snapshot import SNAPSHOT_VERSION, parse_snapshot, snapshot_row
 from p2plb.strategies import Strategy, make_strategy, pick_outside
 from p2plb.wire import (
@@ -114,17 +88,18 @@ class Registry:
         self.policy = policy
         self.forget_after = forget_after
         self.service_time = service_time  # when an indexer has not said its own
-        self.lookaside_max_age = lookaside_max_age
-        self.max_lookaside = max_lookaside
 
         self._read: Strategy = make_strategy(strategy, rng)
         self._write: Strategy = make_strategy(strategy, rng)
         self._entries: dict[str, Entry] = {}
         self._ejected: set[str] = set()
-        # Every lookaside answer still counted, oldest first: (when, number, entry).
-        self._answers: deque[tuple[float, int, Entry]] = deque()
-        self._answered = 0
-        self._superseded = Superseded()
+        self._lookaside = Lookaside(
+            self._sync,
+            default_service=service_time,
+            max_age=lookaside_max_age,
+            most=max_lookaside,
+        )
+        self._replaced = Replacements()
         self._changes: list[HealthChange] = []
         self._total_requests = 0
         self._total_routed = 0
@@ -170,7 +145,7 @@ class Registry:
         Their loads are the ones a routing table would show at this moment:
         metrics and the indexer list read them here.
         """
-        self._expire(self._clock())
+        self._lookaside.expire(self._clock())
         return list(self._entries.values())
 
     def get(self, id: str) -> Entry | None:
@@ -190,7 +165,7 @@ class Registry:
     def status(self) -> dict[str, Any]:
         """``GET /v1/status`` without ``uptime_seconds``, which the server adds."""
         now = self._clock()
-        self._expire(now)  # the loads a routing table would show at this moment
+        self._lookaside.expire(now)  # the loads a routing table shows now
         return {
             "healthy_indexers": self.healthy_count(),
             "total_indexers": len(self._entries),
@@ -202,7 +177,7 @@ class Registry:
 
     def routing_table(self) -> dict[str, Any]:
         """``GET /v1/routing-table``: every indexer, healthy or not."""
-        self._expire(self._clock())
+        self._lookaside.expire(self._clock())
         return {
             "version": self._version,
             "strategy": self.strategy,
@@ -237,10 +212,10 @@ class Registry:
         if state not in STATES:
             raise invalid("state", f"must be one of {', '.join(STATES)}; got {state!r}")
         now = self._clock()
-        self._expire(now)  # the answer shows the entry's load as of now
+        self._lookaside.expire(now)  # the answer shows the entry's load as of now
 
         old = self._entries.get(id)
-        if old is not None and _same_process(old, address, instance):
+        if old is not None and same_process(old, address, instance):
             old.restored = False
             old.capacity = capacity
             old.zone = zone
@@ -263,13 +238,13 @@ class Registry:
         )
         if old is not None:
             self._leave(old)
-            self._superseded.add(old, now)
+            self._replaced.add(old, now)
             entry.requests, entry.routed, entry.errors = (
                 old.requests,
                 old.routed,
                 old.errors,
             )
-        self._superseded.discard(id, address, instance)
+        self._replaced.discard(id, address, instance)
         self._entries[id] = entry
         self._sync(entry)
         return entry, old is None
@@ -303,9 +278,9 @@ class Registry:
         if instance is None and address is None:
             entry = self._entries.get(id)  # an admin, naming no process
             if entry is None:
-                raise _not_found(id)
+                raise not_found(id)
         else:
-            entry = self._sender(id, address, instance)
+            entry = self._replaced.sender(self._entries.get(id), id, address, instance)
         if prove and (instance is None or instance != entry.instance):
             raise RequestError(
                 403,
@@ -347,9 +322,9 @@ class Registry:
             address = check_address(address)
         now = self._clock()
 
-        entry = self._sender(id, address, instance)
+        entry = self._replaced.sender(self._entries.get(id), id, address, instance)
         if instance is not None and instance != entry.instance:
-            self._adopt(entry, instance, now)
+            self._replaced.adopt(entry, instance, now)
         entry.restored = False
 
         entry.reported_load = load
@@ -358,7 +333,7 @@ class Registry:
         entry.last_report = now
         if service is not None:
             entry.service = service
-        self._observed(entry, now)
+        self._lookaside.observed(entry, now)
         if served is not None:
             self._count_served(entry, served)
         self._record(entry, entry.health.on_report(now))
@@ -385,7 +360,7 @@ class Registry:
         # The answer carrying the header left the indexer's count already.
         entry.inflight_at_report = max(0, entry.inflight - 1)
         entry.capacity = capacity
-        self._observed(entry, self._clock())
+        self._lookaside.observed(entry, self._clock())
         self._sync(entry)
 
     def probe_result(self, id: str, ok: bool, detail: str) -> None:
@@ -403,7 +378,7 @@ class Registry:
         one; ``exclude`` names indexers already tried by a retrying caller.
         """
         pool = self._pool(op)
-        self._expire(self._clock())
+        self._lookaside.expire(self._clock())
         id = pool.pick()
         if id is not None and id in exclude:
             id = self._pick_excluding(pool, exclude)
@@ -421,14 +396,9 @@ class Registry:
         if entry is None:
             raise NoHealthyIndexer(self.describe_none(op))
 
-        now = self._clock()
         entry.routed += 1
         self._total_routed += 1
-        self._answered += 1
-        entry.lookaside.append((self._answered, now))
-        self._answers.append((now, self._answered, entry))
-        if len(self._answers) > self.max_lookaside:
-            self._drop_oldest_answer()
+        self._lookaside.given(entry, self._clock())
         self._sync(entry)
         return entry
 
@@ -504,7 +474,7 @@ class Registry:
         O(n): meant to run about once a second, never per request.
         """
         now = self._clock()
-        self._expire(now)
+        self._lookaside.expire(now)
 
         for entry in list(self._entries.values()):
             change = entry.health.evaluate(now)
@@ -522,7 +492,7 @@ class Registry:
                     )
                 )
 
-        self._superseded.expire(now, self.forget_after)
+        self._replaced.expire(now, self.forget_after)
         return self.drain_changes()
 
     # persistence -----------------------------------------------------------------
@@ -551,7 +521,7 @@ class Registry:
         self._write = make_strategy(snapshot["strategy"], self._rng)
         self._entries = {}
         self._ejected = set()
-        self._answers = deque()
+        self._lookaside.clear()
         self._total_requests = snapshot["total_requests"]
         self._total_routed = snapshot["routed_requests"]
 
@@ -628,66 +598,6 @@ class Registry:
         if change is not None:
             self._changes.append(change)
 
-    def _expire(self, now: float) -> None:
-        """Stop counting lookaside answers older than ``lookaside_max_age``.
-
-        Both queues are in the order answers were given, and an observation
-        only ever takes the oldest of an entry's: an answer still counted there
-        is the first of its entry's when it comes first here.
-        """
-        oldest = now - self.lookaside_max_age
-        while self._answers and self._answers[0][0] <= oldest:
-            self._drop_oldest_answer()
-
-    def _drop_oldest_answer(self) -> None:
-        _, number, entry = self._answers.popleft()
-        if entry.lookaside and entry.lookaside[0][0] == number:
-            entry.lookaside.popleft()
-            self._sync(entry)
-
-    def _observed(self, entry: Entry, now: float) -> None:
-        """A fresh load figure of ``entry``: it holds the requests of the
-        lookaside answers given at least one service time before ``now``."""
-        wait = self.service_time if entry.service is None else entry.service
-        answers = entry.lookaside
-        while answers and answers[0][1] + wait <= now:
-            answers.popleft()
-
-    def _sender(self, id: str, address: str | None, instance: str | None) -> Entry:
-        """The entry a message from (address, instance) about ``id`` may act on.
-
-        ``409 superseded`` for a sender that was replaced, ``404`` for an id
-        not registered, or registered elsewhere only as far as the state file
-        says (the sender registers again, and its registration wins).
-        """
-        entry = self._entries.get(id)
-        replaced = self._superseded.matches(id, address, instance)
-        if entry is not None and _same_process(entry, address, instance):
-            return entry
-        if entry is None and not replaced:
-            raise _not_found(id)
-        if replaced:
-            raise _superseded(id, entry, address, instance)
-        assert entry is not None
-        if address is None or address == entry.address:
-            return entry  # restarted in place
-        if entry.restored:
-            raise RequestError(
-                404,
-                "indexer_not_found",
-                f"id: indexer {id!r} is known here at {entry.address} only from "
-                "the state file; register again",
-            )
-        raise _superseded(id, entry, address, instance)
-
-    def _adopt(self, entry: Entry, instance: str, now: float) -> None:
-        """``instance`` is ``entry``'s indexer restarted in place."""
-        if entry.instance is not None:
-            self._superseded.add(entry, now)
-            entry.served_seen = None  # the new process counts from zero
-        self._superseded.discard(entry.id, entry.address, instance)
-        entry.instance = instance
-
     def _count_served(self, entry: Entry, served: int) -> None:
         previous = entry.served_seen
         delta = served if previous is None or served < previous else served - previous
@@ -708,16 +618,6 @@ class Registry:
         return f"no healthy indexer: {healthy} of {total} registered are healthy"
 
 
-def _same_process(entry: Entry, address: str | None, instance: str | None) -> bool:
-    """Whether a message from (address, instance) comes from ``entry``'s process.
-
-    Whatever the message leaves out is taken to match.
-    """
-    if address is not None and address != entry.address:
-        return False
-    return instance is None or entry.instance is None or instance == entry.instance
-
-
 def _check_count(
     value: object, name: str, *, minimum: int, maximum: int = MAX_COUNT
 ) -> None:
@@ -727,22 +627,3 @@ def _check_count(
         raise invalid(
             name, f"must be an integer from {minimum} to {maximum}, got {value!r}"
         )
-
-
-def _not_found(id: str) -> RequestError:
-    return RequestError(
-        404, "indexer_not_found", f"id: no indexer {id!r} is registered"
-    )
-
-
-def _superseded(
-    id: str, current: Entry | None, address: str | None, instance: str | None
-) -> RequestError:
-    sender = address or f"instance {instance}"
-    where = f" at {current.address}" if current is not None else ""
-    return RequestError(
-        409,
-        "superseded",
-        f"id: indexer {id!r} ({sender}) was replaced by a newer registration"
-        f"{where}; this process must stop reporting",
-    )
