@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from aiohttp import web
 
+from loopback import serve
 from p2plb.reporter import Reporter
 from procs import Procs
 
@@ -136,3 +137,46 @@ async def test_an_indexer_with_the_wrong_token_says_it_is_refused(
     assert indexer.running
     assert indexer.log().count("reporter.refused") == 1
     assert "reporter.balancer_unreachable" not in indexer.log()
+
+
+async def test_answers_nested_past_all_use_do_not_end_the_reporting(
+    logged: list[tuple[str, str]],
+) -> None:
+    seen = 0
+    enough = asyncio.Event()
+
+    async def deep(request: web.Request) -> web.Response:
+        nonlocal seen
+        seen += 1
+        if seen >= 6:  # a registration and several reports
+            enough.set()
+        status = 201 if request.method == "POST" else 200
+        body = "[" * 100_000 + "]" * 100_000
+        return web.Response(text=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", deep)
+    runner, url = await serve(app)
+    reporter = Reporter(
+        indexer_id="i1",
+        address="http://127.0.0.1:1",
+        capacity=1,
+        instance="a",
+        balancers=(url,),
+        interval=0.05,
+        load_report=dict,
+        on_peers=lambda peers: None,
+        rng=random.Random(0),
+    )
+    await reporter.start()
+    try:
+        async with asyncio.timeout(10):
+            await enough.wait()
+        crashed = [t for t in reporter._tasks if t.done()]
+    finally:
+        await reporter.stop()
+        await runner.cleanup()
+
+    assert crashed == []
+    assert ("INFO", f"reporter.registered balancer={url} id=i1 "
+            "address=http://127.0.0.1:1 new=True") in logged  # fmt: skip

@@ -390,7 +390,7 @@ class _Rejected(Exception):
 async def _json(response: aiohttp.ClientResponse) -> Any:
     try:
         return await response.json(content_type=None)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past all use
         return None
 
 
