@@ -15,17 +15,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from p2plb import benchmark
+from p2plb import benchmark, harness
 from p2plb.benchmark import BenchOptions, Scenario, contender_names, run_bench
 from p2plb.benchreport import render
 from p2plb.cli import cli
 from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import UsageError
+from p2plb.harness import Child
 from p2plb.loadgen import Bursts, OpenLoop, arrivals, percentile
 
 
@@ -290,6 +292,36 @@ def test_sigterm_stops_the_bench_and_every_process_it_started(
     ), err
     assert _started_in(workdir, bench.pid) == []
     assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_stop_signal_while_a_child_spawns_still_leaves_it_stoppable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(*args: Any, **kwargs: Any) -> Any:
+        # The signal lands after the fork, before Popen returns: the window
+        # in which a raising handler used to lose the child.
+        started = real_popen(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return started
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.subprocess, "Popen", popen_then_signal)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    child = Child(
+        "sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, None
+    )
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            child.spawn()
+        assert child.running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        assert child.stop() == "sleeper: exited with -15"
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_bench_flags_out_of_range_are_refused() -> None:

@@ -42,7 +42,9 @@ async def serving(http: aiohttp.ClientSession, balancer: Proc, ids: set[str]) ->
             r["healthy"] and r["state"] == "serving" for r in rows.values()
         )
 
-    await eventually(ready)
+    # A fresh cluster waits out --sync-timeout before it serves, and three
+    # Python processes start slowly on a busy machine: room for both.
+    await eventually(ready, within=30)
 
 
 async def contents(http: aiohttp.ClientSession, url: str) -> dict[str, list[str]]:

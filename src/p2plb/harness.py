@@ -28,8 +28,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,38 @@ __all__ = [
 
 STOP_DEADLINE_S = 15.0
 _START_TIMEOUT_S = 30.0
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _STARTED = r"\b{kind}\.started .*?\burl=(\S+)"
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Stop signals that arrive inside the block are handled as it ends.
+
+    A signal handler that raises (Ctrl-C, or the bench's SIGTERM handler)
+    inside ``Popen``, after the fork but before the caller holds the
+    ``Popen``, would leave a child that no one stops.  Blocking the signals
+    instead is no good: a child inherits the blocked mask and would ignore
+    its own SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread runs signal handlers
+        return
+    arrived: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        arrived.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler not installed from Python; the default is ours.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for late in arrived:
+            signal.raise_signal(late)
 
 
 class Child:
@@ -84,7 +115,7 @@ class Child:
     def spawn(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2PLB_")}
         env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "wb") as log:
+        with _signals_held(), open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 self.args,
                 stdin=subprocess.DEVNULL,
