@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,36 @@ def test_print_config_shows_settings_not_how_they_were_given() -> None:
     assert shown["strategy"] == "p2c"
     assert "strategy_given" not in shown
     assert shown["proxy_keepalive"] == 30.0
+
+
+@pytest.mark.parametrize(
+    ("args", "needed"),
+    [
+        (["balancer"], "--cluster-token and --admin-token"),
+        (["balancer", "--cluster-token", "c"], "--cluster-token and --admin-token"),
+        (["indexer", "--id", "i1"], "--cluster-token"),
+    ],
+)
+def test_a_server_without_tokens_will_not_listen_beyond_loopback(
+    args: list[str], needed: str, tmp_path: Path
+) -> None:
+    # A real process, so nothing between the command line and the socket
+    # lets it through.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PLB_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "p2plb", *args, "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert done.stderr == (
+        f"p2plb: error: --host: refusing to listen on 0.0.0.0 without {needed}, "
+        "since "
+        "anyone who reaches it could change the cluster; set the token, or pass "
+        "--insecure on a trusted network\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no state file, no data directory

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hmac
+import os
 import signal
 from typing import Any
 
 import aiohttp
 import pytest
 
+import p2plb.tokens as tokens_module
 from p2plb.errors import RequestError
 from p2plb.tokens import authorized_as
 from procs import Procs, eventually, request
+from test_balancer import p2plb
 from test_membership import free_port
 
 ROLES = {"cluster": "c-secret", "admin": "a-secret"}
@@ -48,6 +52,27 @@ def test_roles(header: str | None, outcome: object) -> None:
 
 def test_an_unset_token_leaves_its_role_open() -> None:
     assert authorized_as(None, {"cluster": None}) == "cluster"
+
+
+def test_every_token_is_compared_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Timing cannot be asserted reliably; what can be is that no comparison
+    # bypasses the constant-time one, which a plain == would.
+    compared: list[tuple[bytes, bytes]] = []
+    constant_time = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(tokens_module.hmac, "compare_digest", recording)
+    assert authorized_as("Bearer a-secret", ROLES) == "admin"
+    assert compared == [(b"a-secret", b"c-secret"), (b"a-secret", b"a-secret")]
+    compared.clear()
+    with pytest.raises(RequestError):
+        authorized_as("Bearer nope", ROLES)
+    assert compared == [(b"nope", b"c-secret"), (b"nope", b"a-secret")]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -165,13 +190,37 @@ async def test_balancer_and_indexers_with_tokens(
         "0.3s",
     )
     one = procs.indexer("i1", *flags)
-    procs.indexer("i2", *flags)
+    two = procs.indexer("i2", *flags)
 
     async def joined() -> bool:
         listed = (await request(http, "GET", f"{url}/v1/indexers"))[1]["indexers"]
         return len(listed) == 2
 
     await eventually(joined)
+    # A write needs a second copy: the push to the peer carries the token.
+    one.wait_for(r"replication\.peer_added id=i2")
+    item = {"items": ["kept"]}
+    status, body, _ = await request(
+        http, "POST", f"{one.url}/v1/indices/t/items", json=item
+    )
+    assert (status, body["added"]) == (200, 1), body
+    assert (await request(http, "GET", f"{two.url}/v1/indices/t"))[1]["items"] == [
+        "kept"
+    ]
+
+    # The CLI takes the admin token from its flag or its environment variable.
+    refused = p2plb("strategy", "round_robin", "--balancer", url)
+    assert refused.returncode == 1, refused
+    assert refused.stderr == (
+        f"p2plb: error: balancer {url}: Authorization: a Bearer admin token is "
+        "required\n"
+    )
+    env = {**os.environ, "P2PLB_ADMIN_TOKEN": "a-secret"}
+    changed = p2plb("strategy", "round_robin", "--balancer", url, env=env)
+    assert changed.returncode == 0, changed
+    answer = await request(http, "GET", f"{url}/v1/strategy")
+    assert answer[1] == {"strategy": "round_robin"}
+
     status, body, _ = await request(
         http, "DELETE", f"{url}/v1/indexers/i2", headers=bearer("c-secret")
     )
@@ -192,6 +241,12 @@ async def test_balancer_and_indexers_with_tokens(
             http, "DELETE", f"{url}/v1/indexers/i2", headers=bearer("a-secret")
         )
     )[0] == 204
+
+    # No token, right or wrong, reaches a log.
+    for proc in procs.all:
+        text = proc.log_path.read_text(errors="replace")
+        for secret in ("c-secret", "a-secret", "guess"):
+            assert secret not in text, (proc.name, secret)
 
 
 async def test_another_scheme_than_bearer_is_a_missing_token(
