@@ -391,3 +391,33 @@ async def test_concurrent_calls_share_one_client(procs: Procs) -> None:
         )
         assert sum(added) == 50
         assert len(await client.get_index("many") or []) == 50
+
+
+async def test_fifty_real_clients_on_a_fresh_table_spread_their_reads(
+    procs: Procs,
+) -> None:
+    balancer, indexers = cluster(procs, 3)
+    async with AsyncClient(balancers=[balancer.url]) as writer:
+        await writer.add_to_index("herd", "x")
+
+    def served() -> list[int]:
+        counts = []
+        for indexer in indexers:
+            with urllib.request.urlopen(f"{indexer.url}/v1/load") as answer:
+                counts.append(json.load(answer)["served"])
+        return counts
+
+    before = served()
+    # Fifty processes' worth of clients, each with its own table fetched at
+    # start, each making one read: all see the same loads, yet must not all
+    # pick the same indexer.
+    clients = [AsyncClient(balancers=[balancer.url]) for _ in range(50)]
+    try:
+        reads = await asyncio.gather(*(c.get_index("herd") for c in clients))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    assert reads == [["x"]] * 50
+
+    shares = [after - then for after, then in zip(served(), before, strict=True)]
+    assert sum(shares) == 50, shares
+    assert max(shares) <= 2 * 50 / 3, shares  # at most twice the fair share

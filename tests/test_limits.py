@@ -1,6 +1,6 @@
 """Limits on what one client may take from a server: URL and header size, time
-without a whole request, page size.  The body size limit (413) is tested in
-``test_indexer_api.py::test_body_limit``."""
+without a whole request, page size, body size on the balancer.  The indexer's
+body size limit (413) is tested in ``test_indexer_api.py::test_body_limit``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import msgspec
+import pytest
 
 from p2plb import AsyncClient
 from procs import Proc, Procs, eventually, request
@@ -73,9 +74,13 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
     raise AssertionError(f"the server kept the connection open for {seconds} s")
 
 
-async def test_slow_and_idle_clients_are_cut_off(procs: Procs) -> None:
-    indexer = procs.indexer("i1", "--idle-timeout", "1s")
-    host, port = indexer.url.removeprefix("http://").split(":")
+@pytest.mark.parametrize("kind", ["indexer", "balancer"])
+async def test_slow_and_idle_clients_are_cut_off(procs: Procs, kind: str) -> None:
+    if kind == "indexer":
+        server = procs.indexer("i1", "--idle-timeout", "1s")
+    else:
+        server = procs.balancer("balancer", "--idle-timeout", "1s")
+    host, port = server.url.removeprefix("http://").split(":")
 
     # A client that sends its headers one byte at a time is cut off, at most
     # the idle timeout after it connected, without an answer.
@@ -217,3 +222,27 @@ async def test_a_client_hanging_up_mid_body_is_no_server_error(procs: Procs) -> 
     assert status == 200
     assert "request.failed" not in indexer.log()
     assert "Traceback" not in indexer.log()
+
+
+async def test_the_balancer_refuses_an_over_large_body_before_any_indexer(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer = procs.balancer("balancer", "--max-body-size", "1KiB")
+    indexer = procs.indexer("i1", "--balancer", balancer.url)
+
+    async def joined() -> bool:
+        listed = await request(http, "GET", f"{balancer.url}/v1/indexers")
+        return len(listed[1]["indexers"]) == 1
+
+    await eventually(joined)
+    big = {"items": [f"{i:04d}" + "x" * 100 for i in range(20)]}
+    status, body, _ = await request(
+        http, "POST", f"{balancer.url}/v1/indices/x/items", json=big
+    )
+    assert status == 413
+    assert body["error"]["code"] == "body_too_large"
+    assert body["error"]["message"].startswith("body: must be at most 1024 bytes")
+    # Nothing reached the indexer.
+    assert (await request(http, "GET", f"{indexer.url}/v1/indices"))[1] == {
+        "indices": []
+    }

@@ -1070,3 +1070,26 @@ def test_a_report_is_not_counted_twice_with_the_requests_in_flight(
     assert entry.load == 5
     registry.finish(flight, ok=True, latency_s=0.01)
     assert entry.load == 4
+
+
+def test_the_balancer_times_silence_on_the_monotonic_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2plb import balancer as balancer_module
+    from p2plb.config import build_config
+
+    now = {"monotonic": 1000.0, "wall": 1.7e9}
+    monkeypatch.setattr(balancer_module.time, "monotonic", lambda: now["monotonic"])
+    monkeypatch.setattr(balancer_module.time, "time", lambda: now["wall"])
+    registry = balancer_module.Balancer(build_config("balancer", {})).registry
+    registry.register("i1", "http://127.0.0.1:9001", 1, state="serving")
+    registry.report("i1", 0, "serving")
+
+    # The wall clock jumps a day ahead (NTP, a VM resumed): nothing changes.
+    now["wall"] += 86_400
+    assert registry.tick() == []
+    assert registry.healthy_count() == 1
+
+    # Only time that really passed counts.
+    now["monotonic"] += 61
+    assert registry.tick() == [HealthChange("i1", False, "no report for 61.0 s")]
