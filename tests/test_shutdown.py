@@ -7,6 +7,7 @@ hold the process: no task, thread, session or executor left behind.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import time
@@ -70,3 +71,37 @@ async def test_an_idle_balancer_exits_at_once(
     assert events(balancer, steps) == list(steps)
     assert balancer.popen is not None and balancer.popen.returncode == 0
     assert took < MARGIN, took
+
+
+async def test_a_request_in_flight_at_sigterm_is_answered_and_kept(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # The benchmark service model holds each write's slot for about 2 s.
+    indexer = procs.indexer("i1", "--service-time", "2s", "--shutdown-timeout", "60s")
+    url = f"{indexer.url}/v1/indices/t/items"
+    for attempt in range(20):
+        item = f"late-{attempt}"
+        write = asyncio.ensure_future(request(http, "POST", url, json={"item": item}))
+        # In flight once the indexer counts it as serving; a draw too short to
+        # be seen is simply tried again.
+        while not write.done():
+            load = (await request(http, "GET", f"{indexer.url}/v1/load"))[1]
+            if load["serving"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        if not write.done():
+            break
+        await write
+    else:
+        raise AssertionError("no write was ever seen in flight")
+
+    indexer.signal(signal.SIGTERM)
+    status, body, _ = await write
+    assert (status, body["added"]) == (200, 1), body
+    assert indexer.popen is not None and indexer.popen.wait(60) == 0
+    log = indexer.log()
+    assert log.index("server.signal") < log.index("indexer.stopped")
+
+    indexer.start()  # the same data directory
+    status, got, _ = await request(http, "GET", f"{indexer.url}/v1/indices/t")
+    assert status == 200 and item in got["items"], got

@@ -12,6 +12,12 @@ The order of a clean stop matters to the cluster, so it is spelled out once here
 A second signal during step 1 skips the rest of the drain: an operator who
 presses Ctrl-C twice wants out now.
 
+Known shortcoming: in step 2 aiohttp stops reading from open connections, so a
+request whose body is still arriving when the listener closes never gets the
+rest of it and is cut at ``shutdown_timeout``; requests received whole finish.
+The drain period of step 1, during which reading goes on, is what covers slow
+senders.
+
 Limits on what a connection may hold (slow and oversized clients):
 
 * ``idle_timeout`` closes a connection that has no whole request after that
