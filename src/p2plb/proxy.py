@@ -32,9 +32,10 @@ Rules of this module:
   ``MAX_RETRY_AFTER``, else as ``DEFAULT_RETRY_AFTER``: an HTTP client may
   wait for whatever it is told ("-1", an hour and more, a date).
 
-Known shortcoming: the proxy runs in one Python process, about 0.3-0.5x
-HAProxy's requests per second on two cores (aiohttp's client is a third of
-its time); routed clients keep the balancer off the data path, and several
+Known shortcoming: the proxy runs in one Python process, about 0.2x
+HAProxy's requests per second on one CPU (``p2plb bench --suite proxy``):
+aiohttp's client and server machinery take most of its time, the socket writes
+a third; routed clients keep the balancer off the data path, and several
 balancer processes behind SO_REUSEPORT would scale it further.
 """
 
