@@ -481,3 +481,27 @@ def test_probes_in_fallback_back_off_to_a_ceiling_and_stay_there() -> None:
 
     assert 0.1 <= waits[0] <= 0.2
     assert all(2.5 <= w <= 5.0 for w in waits[10:])
+
+
+def test_every_operation_picks_on_the_loads_of_the_moment() -> None:
+    # Loads reach a strategy lazily, at its next pick: each operation's pick
+    # must still see every change made since, however the calls interleave.
+    table, clock = routing(row("i1"), row("i2"), near_tie=0.0)
+    for _ in range(5):
+        table.begin("i1")
+    assert picks(table, "read", 1) == Counter({"i2": 1})
+    assert picks(table, "write", 1) == Counter({"i2": 1})
+
+    for _ in range(5):
+        table.finish("i1", "ok")
+        table.begin("i2")
+    table.observe_load("i2", 3, 10)  # and the header says more is queued there
+    assert picks(table, "write", 1) == Counter({"i1": 1})
+    assert picks(table, "read", 1) == Counter({"i1": 1})
+
+    for _ in range(3):  # i1 fails: avoided for both operations at once
+        table.begin("i1")
+        table.finish("i1", "failed", error="connection refused")
+    clock.now += 0.5
+    assert set(picks(table, "write", 20)) == {"i2"}
+    assert set(picks(table, "read", 20)) == {"i2"}

@@ -244,6 +244,13 @@ class RoutingTable:
         self._views: dict[str, _View] = {}
         self._pools: dict[str, _Pool] = {}
         self._avoided: list[tuple[float, str]] = []  # heap of (until, id)
+        # Per operation, the views whose load changed since its strategy last
+        # saw them.  A call changes its indexer's load twice (begin, finish)
+        # and picks once, for one operation, so a strategy is brought up to
+        # date at its next pick rather than at every change: a quarter of the
+        # work on the client's hot path, and every pick still sees the loads
+        # of that moment.
+        self._stale: dict[str, set[str]] = {op: set() for op in OPS}
 
     def __len__(self) -> int:
         return len(self._views)
@@ -283,6 +290,8 @@ class RoutingTable:
             del self._views[id]
         for view in self._views.values():
             self._sync(view, now)
+        for stale in self._stale.values():
+            stale.clear()
 
         # Start the rotation at a random point of it (design.md: each client
         # starts at a random point); without this a fresh round robin favours
@@ -310,7 +319,7 @@ class RoutingTable:
         view.capacity = capacity
         if service is not None:
             view.service, view.service_at = service, now
-        self._sync(view, now)
+        self._changed(id)
 
     # -- a request's life ----------------------------------------------------------
 
@@ -319,7 +328,7 @@ class RoutingTable:
         view = self._views.get(id)
         if view is not None:
             view.inflight += 1
-            self._sync(view, self._clock())
+            self._changed(id)
 
     def finish(
         self,
@@ -355,7 +364,7 @@ class RoutingTable:
             view.last_error = error or "failed"
             if view.probation or view.failures >= self.failure_limit:
                 self._avoid(view, now)
-        self._sync(view, now)
+        self._changed(id)
 
     def count(self, id: str, ok: bool) -> None:
         """A request some other node routed to ``id`` (the proxy), for stats."""
@@ -367,8 +376,11 @@ class RoutingTable:
 
     def pick(self, op: str, exclude: Collection[str] = ()) -> Target | None:
         """The indexer for one attempt at ``op``, outside ``exclude``; or None."""
-        self._return_avoided(self._clock())
+        now = self._clock()
+        self._return_avoided(now)
         pool = self._pools.get(op)
+        if pool is not None:
+            self._refresh(op, pool, now)
         id = None if pool is None else self._pick_in(pool, exclude)
         if id is None:
             id = self._least_avoided(op, exclude)
@@ -455,10 +467,25 @@ class RoutingTable:
     def _sync(self, view: _View, now: float) -> None:
         load = self._load(view, now)
         for op, pool in self._pools.items():
-            if self._eligible(view, op):
-                pool.put(view.id, view.capacity, load, view.service)
-            else:
-                pool.drop(view.id)
+            self._sync_in(op, pool, view, load)
+
+    def _sync_in(self, op: str, pool: _Pool, view: _View, load: int) -> None:
+        if self._eligible(view, op):
+            pool.put(view.id, view.capacity, load, view.service)
+        else:
+            pool.drop(view.id)
+
+    def _changed(self, id: str) -> None:
+        for stale in self._stale.values():
+            stale.add(id)
+
+    def _refresh(self, op: str, pool: _Pool, now: float) -> None:
+        """Bring ``op``'s strategy up to date with every view changed since."""
+        stale = self._stale[op]
+        while stale:
+            view = self._views.get(stale.pop())
+            if view is not None:  # else dropped with its table row
+                self._sync_in(op, pool, view, self._load(view, now))
 
     def _drop(self, id: str) -> None:
         for pool in self._pools.values():

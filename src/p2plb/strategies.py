@@ -450,6 +450,8 @@ class WeightedRandom(Strategy):
         return id
 
     def _add(self, slot: int, delta: int) -> None:
+        if not delta:
+            return  # the usual case: a known backend set to its capacity again
         self._weights[slot] += delta
         self._total += delta
         index = slot + 1
