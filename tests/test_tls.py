@@ -99,6 +99,42 @@ async def test_a_cluster_over_tls(procs: Procs, tmp_path: Path) -> None:
     assert "pass the cluster's CA with ca_file= or --ca-file" in str(info.value)
 
 
+async def test_servers_verify_their_peers(procs: Procs, tmp_path: Path) -> None:
+    ca, cert, key = make_ca(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_cert, other_key = make_ca(tmp_path / "other")
+    serve = ("--tls-cert", str(cert), "--tls-key", str(key))
+    balancer = procs.balancer("balancer", *serve, "--ca-file", str(ca))
+
+    # An indexer without the cluster's CA does not trust the balancer: it
+    # cannot register, and says why.
+    lost = procs.indexer("i1", "--balancer", balancer.url, *serve)
+    lost.wait_for(
+        r"reporter\.balancer_unreachable balancer=\S+ error=.*"
+        r"TLS certificate not trusted"
+    )
+
+    # A balancer does not trust an indexer whose certificate another CA
+    # signed: the indexer registers, but the balancer's probes fail on TLS.
+    stranger = procs.indexer(
+        "i2",
+        "--balancer",
+        balancer.url,
+        "--tls-cert",
+        str(other_cert),
+        "--tls-key",
+        str(other_key),
+        "--ca-file",
+        str(ca),
+    )
+    stranger.wait_for(r"reporter\.registered")
+    balancer.wait_for(
+        r"indexer\.unhealthy id=i2 reason=.*probe failed: TLS certificate not "
+        r"trusted \(unable to get local issuer certificate\); pass the cluster's CA"
+    )
+    assert _serving(balancer.url, str(ca)) == 0
+
+
 def _serving(balancer: str, ca: str) -> int:
     shown = subprocess.run(
         [sys.executable, "-m", "p2plb", "status", "--json", "--balancer", balancer,

@@ -29,7 +29,7 @@ from p2plb.config import BalancerConfig
 from p2plb.dashboard import HEADERS as DASHBOARD_HEADERS
 from p2plb.dashboard import QUERY as DASHBOARD_QUERY
 from p2plb.dashboard import refresh_seconds, render
-from p2plb.errors import ConfigError, RequestError
+from p2plb.errors import ConfigError, RequestError, describe_failure
 from p2plb.health import HealthChange, HealthPolicy
 from p2plb.metrics import CONTENT_TYPE, Metrics
 from p2plb.openapi import openapi_handler
@@ -530,8 +530,9 @@ class Balancer:
 
 
 def _short(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ClientError):
+        # As the client says it: an untrusted CA, a refused connection...
+        return describe_failure(exc)
     return str(exc) or type(exc).__name__
 
 

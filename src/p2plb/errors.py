@@ -25,7 +25,11 @@ conversion in one place so every client maps codes the same way.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
+
+import aiohttp
 
 __all__ = [
     "ConfigError",
@@ -42,6 +46,7 @@ __all__ = [
     "Timeout",
     "Unreachable",
     "UsageError",
+    "describe_failure",
     "error_from_body",
 ]
 
@@ -189,3 +194,27 @@ def error_from_body(
     if 400 <= status < 500:
         return RequestError(status, code, f"{where}: {message}")
     return Unreachable(f"{where} answered HTTP {status}: {message}")
+
+
+def describe_failure(exc: aiohttp.ClientError) -> str:
+    """What went wrong on the connection, in words a user can act on."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None)
+        return (
+            f"TLS certificate not trusted ({reason or exc.certificate_error}); "
+            "pass the cluster's CA with ca_file= or --ca-file"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS failed ({exc})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, socket.gaierror):
+            # Its errno is a resolver code (-2), which os.strerror cannot name.
+            return f"cannot resolve host {exc.host!r} ({exc.os_error.strerror})"
+        if exc.os_error.errno is not None:
+            return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"
+        return f"cannot connect ({exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    return f"connection broken ({exc or type(exc).__name__})"

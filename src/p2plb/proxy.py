@@ -56,7 +56,12 @@ from aiohttp import web
 from yarl import URL
 
 from p2plb.budget import RetryBudget
-from p2plb.errors import LoopDetected, NoHealthyIndexer, RequestError
+from p2plb.errors import (
+    LoopDetected,
+    NoHealthyIndexer,
+    RequestError,
+    describe_failure,
+)
 from p2plb.hlc import is_version
 from p2plb.registry import Registry
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
@@ -383,6 +388,8 @@ def _error_code(payload: bytes) -> str | None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return describe_failure(exc)  # names the certificate problem and the fix
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"connection failed: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, aiohttp.ClientPayloadError):

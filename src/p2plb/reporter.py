@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from p2plb.errors import error_from_body
+from p2plb.errors import describe_failure, error_from_body
 from p2plb.wire import PROTOCOL, encode
 
 __all__ = ["Reporter"]
@@ -404,4 +404,7 @@ def _code(answer: Any) -> str:
 
 
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientError):
+        # As the client says it: an untrusted CA, a refused connection...
+        return describe_failure(exc)
     return str(exc) or type(exc).__name__

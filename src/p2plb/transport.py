@@ -16,9 +16,7 @@ Rules of this module:
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import ssl
 from typing import Any
 
@@ -27,7 +25,13 @@ import msgspec
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from p2plb.errors import P2PLBError, Timeout, Unreachable, error_from_body
+from p2plb.errors import (
+    P2PLBError,
+    Timeout,
+    Unreachable,
+    describe_failure,
+    error_from_body,
+)
 from p2plb.proxy import LOAD_HEADER, parse_load_header
 from p2plb.routing import Table
 from p2plb.servicetime import SERVICE_HEADER, parse_service_header
@@ -37,7 +41,6 @@ __all__ = [
     "Answer",
     "as_object",
     "count",
-    "describe",
     "fetch_table",
     "open_session",
     "send",
@@ -130,7 +133,7 @@ async def send(
         seconds = (limit.total if limit else None) or session_timeout
         raise Timeout(f"{where} did not answer within {round(seconds, 2):g} s") from exc
     except aiohttp.ClientError as exc:
-        raise Unreachable(f"{where}: {describe(exc)}") from exc
+        raise Unreachable(f"{where}: {describe_failure(exc)}") from exc
 
 
 async def fetch_table(
@@ -184,27 +187,3 @@ def strings(answer: dict[str, Any], key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Unreachable(f"an answer without a list of {key!r}: {answer!r:.200}")
     return value
-
-
-def describe(exc: aiohttp.ClientError) -> str:
-    """What went wrong on the connection, in words a user can act on."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        reason = getattr(exc.certificate_error, "verify_message", None)
-        return (
-            f"TLS certificate not trusted ({reason or exc.certificate_error}); "
-            "pass the cluster's CA with ca_file= or --ca-file"
-        )
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return f"TLS failed ({exc})"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(exc.os_error, socket.gaierror):
-            # Its errno is a resolver code (-2), which os.strerror cannot name.
-            return f"cannot resolve host {exc.host!r} ({exc.os_error.strerror})"
-        if exc.os_error.errno is not None:
-            return f"cannot connect ({os.strerror(exc.os_error.errno).lower()})"
-        return f"cannot connect ({exc.os_error})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected before answering"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the answer was cut short"
-    return f"connection broken ({exc or type(exc).__name__})"
