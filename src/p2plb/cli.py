@@ -112,6 +112,8 @@ def _metavar(setting: Setting) -> str:
         return "PATH"
     if setting.name.endswith("_token"):
         return "TOKEN"
+    if setting.name == "host":
+        return "HOST"
     return _METAVARS.get(name, "VALUE")
 
 
@@ -288,6 +290,7 @@ def _ca_option(func: F) -> F:
         envvar="P2PLB_CA_FILE",
         show_envvar=True,
         default=None,
+        metavar="PATH",
         help="CA bundle to verify https:// balancers and indexers with.",
     )(func)
 

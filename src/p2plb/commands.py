@@ -69,6 +69,7 @@ def _admin_token_option(func: F) -> F:
         envvar="P2PLB_ADMIN_TOKEN",
         show_envvar=True,
         default=None,
+        metavar="TOKEN",
         help="Token for changes that need admin rights.",
     )(func)
 
