@@ -449,3 +449,35 @@ async def test_an_idle_cluster_does_not_write_to_disk(
     assert counts("storage.committed") == commits
     heard = counts("POST /internal/v1/push")
     assert all(heard[n] >= pushes[n] + 10 for n in indexers), (pushes, heard)
+
+
+async def test_an_indexer_is_never_its_own_second_copy(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    balancer, indexers = await start_cluster(procs, 2)
+    await serving(http, balancer, set(indexers))
+    one, two = indexers["i1"], indexers["i2"]
+    # A stale entry under another id at i1's own address, as left by the
+    # port's previous process: i1's probes keep it healthy.
+    stale = {"id": "old", "address": one.url, "capacity": 64}
+    status, _, _ = await request(
+        http, "POST", f"{balancer.url}/v1/indexers", json=stale
+    )
+    assert status == 201
+    one.wait_for(r"replication\.self_listed id=old address=\S+: registered at this")
+
+    # With i2 stopped, only i1 holds a write: it must not count the stale
+    # entry (itself) as the second copy.
+    two.kill()
+    status, body, _ = await request(
+        http, "POST", f"{one.url}/v1/indices/solo/items", json={"item": "x"}
+    )
+    assert (status, body["error"]["code"]) == (503, "insufficient_replicas"), body
+    assert "replication.peer_added id=old" not in one.log()
+
+    # A push from an indexer to itself is refused, whatever led it there.
+    push = {"origin": "i1", "ops": [], "upto": 1}
+    status, body, _ = await request(
+        http, "POST", f"{one.url}/internal/v1/push", json=push
+    )
+    assert (status, body["error"]["code"]) == (508, "loop_detected"), body

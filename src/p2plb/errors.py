@@ -142,7 +142,9 @@ class LoopDetected(RemoteError):
     forward, so a forwarded request (``P2PLB-Via``) reaching a balancer means
     an indexer entry holds a balancer's address, maybe its own.  The balancer
     that forwarded it counts that as a failure of that entry and tries
-    another; a client does the same.
+    another; a client does the same.  An indexer answers it to a replication
+    push from itself (a stale entry at its own address), which must never
+    count as a second copy.
     """
 
     status = 508

@@ -46,7 +46,7 @@ import aiohttp
 import msgspec
 
 from p2plb.antientropy import AntiEntropy
-from p2plb.errors import InsufficientReplicas, RequestError
+from p2plb.errors import InsufficientReplicas, LoopDetected, RequestError
 from p2plb.peers import Peer, PeerStreams, Refused
 from p2plb.storage import Committed, Op, Storage
 from p2plb.tokens import require
@@ -105,6 +105,7 @@ class Replicator(PeerStreams, AntiEntropy):
         self._rng = rng or random.Random()
         self._clock = clock
         self._committed = 0
+        self._told_self: set[str] = set()
         self._changed = asyncio.Event()  # a watermark or an ack moved
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -165,6 +166,12 @@ class Replicator(PeerStreams, AntiEntropy):
                 continue
             if member_id == self.node_id:
                 continue
+            if address == self.address:
+                # Another id registered at this node's own address: a stale
+                # entry (this port's previous process, under another id).
+                # Pushing to it would count this node's own copy twice.
+                self._warn_self(member_id, address)
+                continue
             seen.add(member_id)
             peer = self._peer(member_id, address)
             # Its "state" is not taken: the balancer's word on it may be older
@@ -174,6 +181,17 @@ class Replicator(PeerStreams, AntiEntropy):
             self._drop(gone)
         self.registered = 1 + len(self.peers)
         self._members_known.set()
+
+    def _warn_self(self, member_id: str, address: str) -> None:
+        if member_id in self._told_self:
+            return
+        self._told_self.add(member_id)
+        logger.warning(
+            "replication.self_listed id=%s address=%s: registered at this "
+            "indexer's own address, so not a peer; remove that stale entry",
+            member_id,
+            address,
+        )
 
     def _static_ids(self) -> set[str]:
         return {p.id for p in self.peers.values() if p.address in self._static}
@@ -206,7 +224,11 @@ class Replicator(PeerStreams, AntiEntropy):
                 try:
                     async with self._session.get(f"{address}/v1/load") as response:
                         body = await response.json(content_type=None)
-                    peer = self._peer(str(body["id"]), address)
+                    peer_id = str(body["id"])
+                    if peer_id == self.node_id:
+                        self._warn_self(peer_id, address)
+                        continue
+                    peer = self._peer(peer_id, address)
                     peer.healthy = True
                 except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
                     continue
@@ -362,6 +384,13 @@ class Replicator(PeerStreams, AntiEntropy):
             push = msgspec.json.decode(body, type=_Push)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise RequestError(400, "invalid_json", f"body: {exc}") from None
+        if push.origin == self.node_id:
+            # Never a second copy: the sender reached itself through a stale
+            # entry at its own address.
+            raise LoopDetected(
+                f"origin: {push.origin!r} is this indexer; a push to itself is "
+                "no replica"
+            )
         ops = [
             Op(index, item, bool(present), version, push.origin)
             for index, item, present, version in push.ops
