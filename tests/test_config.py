@@ -188,15 +188,30 @@ def test_repeated_and_listed_balancers() -> None:
         ("port = ", "p2plb: error: --config: {path} is not valid TOML: "),
         ("colour = 1", "p2plb: error: --config: unknown setting 'colour'"),
         ("indexer = 1", "p2plb: error: --config: [indexer] in {path} must be a table"),
+        (
+            b"\xff\xfe",
+            "p2plb: error: --config: {path} is not UTF-8 text (invalid start byte at "
+            "byte 0)\n",
+        ),
     ],
 )
-def test_bad_config_file(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_config_file(tmp_path: Path, content: str | bytes, message: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     result = CliRunner().invoke(cli, ["indexer", "--id", "i", "--config", str(path)])
     assert result.exit_code == 2
     assert result.output.startswith(message.format(path=path))
     assert "Traceback" not in result.output
+
+
+def test_the_indexers_balancer_may_be_a_top_level_key(tmp_path: Path) -> None:
+    path = tmp_path / "shared.toml"
+    path.write_text('balancer = "http://127.0.0.1:7400"\nid = "i9"\n')
+    shown = resolved(["indexer", "--config", str(path)])
+    assert (shown["balancer"], shown["id"]) == (["http://127.0.0.1:7400"], "i9")
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

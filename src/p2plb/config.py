@@ -491,6 +491,9 @@ class BalancerConfig(_ServerConfig):
     strategy_given: bool = False
 
 
+_SETTING_NAMES = {s.name for s in (*INDEXER_SETTINGS, *BALANCER_SETTINGS)}
+
+
 def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
     """The keys of a TOML file that apply to ``section`` ("indexer" or "balancer")."""
     try:
@@ -500,6 +503,10 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise ConfigError(
+            f"--config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
 
     values: dict[str, Any] = {}
     for key, value in document.items():
@@ -518,6 +525,8 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
     ):
         table = document.get(name, {})
         if not isinstance(table, dict):
+            if name in _SETTING_NAMES:
+                continue  # a top-level setting: the indexer's --balancer
             raise ConfigError(f"--config: [{name}] in {path} must be a table")
         known = {s.name for s in settings}
         for key in table:
@@ -525,7 +534,8 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
                 raise ConfigError(
                     f"--config: unknown setting {key!r} in [{name}] of {path}"
                 )
-    for key, value in document.get(section, {}).items():
+    table = document.get(section, {})
+    for key, value in table.items() if isinstance(table, dict) else ():
         values[key.replace("-", "_")] = value
     return values
 
