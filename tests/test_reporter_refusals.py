@@ -109,9 +109,12 @@ async def test_a_refusal_is_logged_once_until_it_changes(
     url = balancer.url
     assert logged == [
         ("ERROR", f"reporter.refused balancer={url} status=403 code=wrong_token "
-         f"error=registration answered 403: {WRONG}"),
+         f"error=registration answered 403: {WRONG}; this indexer's "
+         "--cluster-token (or P2PLB_CLUSTER_TOKEN) is not that balancer's"),
         ("ERROR", f"reporter.refused balancer={url} status=401 code=missing_token "
-         f"error=registration answered 401: {MISSING}"),
+         f"error=registration answered 401: {MISSING}; that balancer needs its "
+         "cluster token: start this indexer with --cluster-token or "
+         "P2PLB_CLUSTER_TOKEN"),
         ("INFO", f"reporter.registered balancer={url} id=i1 "
          "address=http://127.0.0.1:1 new=True"),
         ("INFO", f"reporter.balancer_back balancer={url}"),

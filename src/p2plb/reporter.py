@@ -196,10 +196,11 @@ class Reporter:
                 refusal = exc.refusal() if isinstance(exc, _Rejected) else None
                 if refusal is not None and refusal != refused:
                     logger.error(
-                        "reporter.refused balancer=%s status=%d code=%s error=%s",
+                        "reporter.refused balancer=%s status=%d code=%s error=%s%s",
                         balancer,
                         *refusal,
                         _why(exc),
+                        _TOKEN_HINTS.get(refusal[1], ""),
                     )
                 elif refusal is None and (reachable or refused is not None):
                     logger.warning(
@@ -401,6 +402,15 @@ def _code(answer: Any) -> str:
     if isinstance(code, str) and code.isascii() and code.isidentifier():
         return code[:64]
     return "unknown"
+
+
+# What to do about a refusal an operator can fix on this side.
+_TOKEN_HINTS = {
+    "missing_token": "; that balancer needs its cluster token: start this indexer "
+    "with --cluster-token or P2PLB_CLUSTER_TOKEN",
+    "wrong_token": "; this indexer's --cluster-token (or P2PLB_CLUSTER_TOKEN) is "
+    "not that balancer's",
+}
 
 
 def _why(exc: BaseException) -> str:
