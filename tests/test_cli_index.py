@@ -81,6 +81,22 @@ def test_add_get_list_remove_with_text_and_json(balancer: Proc) -> None:
     assert json.loads(removed.output) == {"removed": 1}
 
 
+def test_control_characters_are_shown_escaped_one_item_per_line(
+    balancer: Proc,
+) -> None:
+    at = ("--balancer", balancer.url)
+    odd = ["\x1b[31mRED\x1b[0m", "line1\nline2"]
+    assert run("add", "odd", *odd, *at).exit_code == 0
+
+    got = run("get", "odd", *at)
+    assert (got.exit_code, got.output) == (
+        0,
+        "\\x1b[31mRED\\x1b[0m\nline1\\nline2\n",
+    )
+    exact = run("get", "odd", "--json", *at)
+    assert json.loads(exact.output)["items"] == sorted(odd)
+
+
 def test_a_missing_index_exits_1_with_one_line(balancer: Proc) -> None:
     result = run("get", "nothing", "--balancer", balancer.url)
     assert (result.exit_code, result.stdout) == (1, "")

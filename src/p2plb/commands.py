@@ -304,8 +304,9 @@ def get_command(
 ) -> None:
     """Print the items of INDEX, one per line, sorted.
 
-    An index with no items is not found: exit code 1 (with --json, items is
-    null).
+    Control characters (a newline, ESC) are shown escaped, as \\n or \\x1b, so
+    that one line is one item; --json gives the items exactly.  An index with
+    no items is not found: exit code 1 (with --json, items is null).
 
     Example:
 
@@ -320,7 +321,7 @@ def get_command(
         click.echo(json.dumps({"index": index, "items": items}))
     else:
         for item in items or ():
-            click.echo(item)
+            click.echo(printable(item))
     if items is None:
         _fail(f"index {index!r} not found (it has no items)", code=1)
 
@@ -336,6 +337,8 @@ def list_command(
 ) -> None:
     """Print the names of the indices that have items, one per line, sorted.
 
+    Control characters are shown escaped, as by get; --json gives names exactly.
+
     Example:
 
     \b
@@ -347,4 +350,4 @@ def list_command(
         click.echo(json.dumps({"indices": names}))
     else:
         for name in names:
-            click.echo(name)
+            click.echo(printable(name))
