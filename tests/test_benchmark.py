@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
@@ -29,6 +30,7 @@ from p2plb.config import STRATEGY_NAMES
 from p2plb.errors import UsageError
 from p2plb.harness import Child
 from p2plb.loadgen import Bursts, OpenLoop, arrivals, percentile
+from procs import Procs, request
 
 
 class FakeClock:
@@ -338,3 +340,24 @@ def test_bench_flags_out_of_range_are_refused() -> None:
         result = CliRunner().invoke(cli, ["bench", *flags])
         assert result.exit_code == 2
         assert message in result.output, result.output
+
+
+async def test_the_bare_forwarder_forwards_and_stops(
+    procs: Procs, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    indexer = procs.indexer("i1")
+    body = {"item": "a"}
+    await request(http, "POST", f"{indexer.url}/v1/indices/x/items", json=body)
+    bare = Child(
+        "bare",
+        [sys.executable, "-m", "p2plb.forwarder", "--port", "0", indexer.url],
+        tmp_path,
+        r"\bforwarder\.started url=(\S+)",
+    )
+    bare.spawn()
+    try:
+        await bare.wait_ready()
+        status, got, _ = await request(http, "GET", f"{bare.url}/v1/indices/x?limit=5")
+        assert (status, got["items"]) == (200, ["a"])
+    finally:
+        assert bare.stop() == "bare: exited with 0"

@@ -10,9 +10,10 @@ Rules of this module:
   the benchmark.  Figures taken while others use well over 0.1 CPU are not
   comparable with quieter ones.
 * ``proxy``: ``GET /v1/indices/bench`` through the p2plb proxy, through
-  HAProxy ``balance leastconn`` (one thread, ``http-reuse always``) and
-  straight from one indexer (no hop: the ceiling), in front of three indexers
-  of capacity 1024 without a service model.  The three take turns for
+  HAProxy ``balance leastconn`` (one thread, ``http-reuse always``), through
+  a bare aiohttp forwarder (``p2plb.forwarder``: what aiohttp alone allows)
+  and straight from one indexer (no hop: the ceiling), in front of three
+  indexers of capacity 1024 without a service model.  The four take turns for
   ``rounds`` rounds, the order rotating each round so that a drift of the
   machine favours none; medians are reported, and p2plb / HAProxy is the
   figure of merit (aim >= 0.3, as in bench/proxy_vs_haproxy.py).
@@ -31,6 +32,7 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -43,6 +45,7 @@ from rich.table import Table
 
 from p2plb.errors import UsageError
 from p2plb.harness import (
+    Child,
     WrkResult,
     p2plb_child,
     rss_mib,
@@ -125,16 +128,32 @@ async def _proxy_suite(
     rounds, duration = (1, 3.0) if options.quick else (3, 10.0)
     duration = options.duration or duration
     fast = Scenario("proxy", load=0.0, capacities=(1024,) * 3, service_time=0.0)
-    async with BenchCluster(workdir, fast, options, pin=server_pin) as cluster:
+    async with contextlib.AsyncExitStack() as stack:
+        cluster = await stack.enter_async_context(
+            BenchCluster(workdir, fast, options, pin=server_pin)
+        )
         await cluster.start(["haproxy/leastconn"])
         assert cluster.balancer is not None
+        # The least an aiohttp proxy does, on the same CPU and backends: how
+        # much of the gap to HAProxy is aiohttp's own.
+        bare = Child(
+            "aiohttp-bare",
+            [*server_pin, sys.executable, "-m", "p2plb.forwarder", "--port", "0"]
+            + [indexer.url for indexer in cluster.indexers],
+            workdir,
+            r"\bforwarder\.started url=(\S+)",
+        )
+        bare.spawn()
+        stack.callback(bare.stop)
+        await bare.wait_ready()
         path = f"/v1/indices/{INDEX}"
         urls = {
             "p2plb": cluster.balancer.url + path,
+            "bare": bare.url + path,
             "haproxy": cluster.haproxy["leastconn"].url + path,
             "direct": cluster.indexers[0].url + path,
         }
-        ours = cluster.pids
+        ours = [*cluster.pids, bare.pid]
 
         async def wrk(url: str, seconds: float) -> WrkResult:
             return await run_wrk(
@@ -180,6 +199,7 @@ async def _proxy_suite(
         "runs": {name: [asdict(r) for r in results] for name, results in runs.items()},
         "median": medians,
         "ratio": medians["p2plb"]["rps"] / max(medians["haproxy"]["rps"], 1e-9),
+        "bare_ratio": medians["bare"]["rps"] / max(medians["haproxy"]["rps"], 1e-9),
         "aim_ratio": PROXY_AIM,
     }
 
@@ -357,6 +377,7 @@ def _render_proxy(figures: dict[str, Any]) -> RenderableType:
         table.add_column(name, justify="left" if name == "path" else "right")
     labels = {
         "p2plb": "p2plb balancer (proxy)",
+        "bare": "aiohttp forwarder, bare",
         "haproxy": "HAProxy leastconn",
         "direct": "one indexer, direct",
     }
@@ -372,7 +393,11 @@ def _render_proxy(figures: dict[str, Any]) -> RenderableType:
         )
     ratio, aim = figures["ratio"], figures["aim_ratio"]
     verdict = f"p2plb / HAProxy = {ratio:.2f}x (aim >= {aim:g}x: "
-    return Group(table, verdict + _verdict(ratio >= aim) + ")")
+    bare = (
+        f"bare aiohttp forwarder / HAProxy = {figures['bare_ratio']:.2f}x; "
+        f"p2plb / bare = {ratio / max(figures['bare_ratio'], 1e-9):.2f}x"
+    )
+    return Group(table, verdict + _verdict(ratio >= aim) + ")", bare)
 
 
 def _render_control_plane(figures: dict[str, Any]) -> RenderableType:
