@@ -33,10 +33,11 @@ Rules of this module:
   wait for whatever it is told ("-1", an hour and more, a date).
 
 Known shortcoming: the proxy runs in one Python process, about 0.2x
-HAProxy's requests per second on one CPU (``p2plb bench --suite proxy``):
-aiohttp's client and server machinery take most of its time, the socket writes
-a third; routed clients keep the balancer off the data path, and several
-balancer processes behind SO_REUSEPORT would scale it further.
+HAProxy's requests per second on one CPU (``p2plb bench --suite proxy``), where
+a bare aiohttp forwarder reaches 0.28x: aiohttp's client and server machinery
+take most of its time, the socket writes a third; routed clients keep the
+balancer off the data path, and several balancer processes behind SO_REUSEPORT
+would scale it further.
 """
 
 from __future__ import annotations
