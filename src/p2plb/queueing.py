@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -102,25 +103,30 @@ def _streams(seed: int, policy: str) -> dict[str, random.Random]:
 # dispatchers -------------------------------------------------------------------
 
 
-class _Dispatcher:
+class _Dispatcher(ABC):
     """Where the next request goes; told of every dispatch, completion, report.
 
-    The hooks do nothing by default: a dispatcher listens only to what it uses.
+    Every dispatcher chooses; the hooks do nothing by default, so a dispatcher
+    listens only to what it uses.
     """
 
     wants_reports = False
 
+    @abstractmethod
     def choose(self) -> int:
-        raise NotImplementedError
+        """The index of the indexer the next request goes to."""
 
     def sent(self, index: int) -> None:
         """A request was sent to ``index``."""
+        return None  # by default not listened to
 
     def done(self, index: int, service: float | None) -> None:
         """A request sent to ``index`` finished; its answer says ``service``."""
+        return None  # by default not listened to
 
     def report(self, index: int, load: int, service: float | None) -> None:
         """``index`` reported serving and queueing ``load`` requests."""
+        return None  # by default not listened to
 
 
 class _Balancer(_Dispatcher):
